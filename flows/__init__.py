@@ -1,0 +1,1 @@
+"""Prefect flows: `build_model` is the pipeline."""

@@ -1,0 +1,5 @@
+"""Pipeline configuration: pydantic schema (`schema.py`), YAML presets (`presets/`) and the loader."""
+from pipeline_config.loader import ConfigError, load_config, preset_path
+from pipeline_config.schema import PipelineConfig
+
+__all__ = ["ConfigError", "PipelineConfig", "load_config", "preset_path"]

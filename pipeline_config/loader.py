@@ -1,0 +1,170 @@
+"""Reading presets and `--set key=value` overrides into a validated `PipelineConfig`.
+
+A preset is a YAML file in `pipeline_config/presets/` (or any path); it may name another preset in `extends:` and
+override parts of it. Validation happens here, before any stage runs, and every error names the offending key, the
+file (or `--set`) it came from and, where the schema has a closed set, the allowed values.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from pipeline_config.schema import PipelineConfig
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration the user wrote is wrong; the message says where and how to fix it."""
+
+
+def preset_path(preset: str | Path) -> Path:
+    candidate = Path(preset)
+    if candidate.suffix in {".yaml", ".yml"}:
+        if not candidate.is_file():
+            raise ConfigError(f"config file not found: {candidate}")
+        return candidate
+    named = PRESETS_DIR / f"{preset}.yaml"
+    if not named.is_file():
+        available = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset '{preset}' (available: {', '.join(available)})")
+    return named
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of stage names to settings")
+    return data
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _load_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The merged mapping, plus for each top-level dotted key the file that last set it (for error messages)."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    origins: dict[str, Path] = {}
+    base: dict[str, Any] = {}
+    if parent is not None:
+        base, origins = _load_with_extends(preset_path(parent), (*seen, path.resolve()))
+    for dotted in _dotted_keys(data):
+        origins[dotted] = path
+    return _merge(base, data), origins
+
+
+def _dotted_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        keys.append(dotted)
+        if isinstance(value, dict):
+            keys.extend(_dotted_keys(value, dotted + "."))
+    return keys
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.max_steps=300` -> (["train", "max_steps"], 300); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.max_steps=300")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML: {exc}") from exc
+    return parts, value
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names valid at the parent of `loc`, to suggest with an 'unknown key' error."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        for candidate in (annotation, *getattr(annotation, "__args__", ())):
+            inner = getattr(candidate, "__args__", None)
+            for option in (candidate, *(inner or ())):
+                if isinstance(option, type) and issubclass(option, BaseModel):
+                    current = option
+                    break
+            else:
+                continue
+            break
+        else:
+            return []
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def load_config(preset: str | Path = "quickstart", overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    path = preset_path(preset)
+    data, origins = _load_with_extends(path)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+        origins[".".join(parts)] = Path("--set")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origins, path)) from None
+
+
+def _describe(exc: ValidationError, origins: dict[str, Path], path: Path) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        source = _origin(loc, origins, path)
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            allowed = _allowed_keys(PipelineConfig, loc)
+            message = f"unknown key '{loc[-1]}'" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
+        elif error["type"] == "literal_error":
+            message = f"{message}; got {error.get('input')!r}"
+        lines.append(f"{source}: {dotted}: {message}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _origin(loc: tuple[Any, ...], origins: dict[str, Path], path: Path) -> str:
+    """The file (or --set) that set the key at `loc`; a model-level error blames an override inside it first."""
+    dotted = ".".join(str(p) for p in loc if not isinstance(p, int))
+    inside = [k for k in origins if k.startswith(dotted + ".") and origins[k] == Path("--set")]
+    if inside:
+        return "--set"
+    return next((str(origins[k]) for k in _prefixes(loc) if k in origins), str(path))
+
+
+def _prefixes(loc: tuple[Any, ...]) -> list[str]:
+    """Longest first: 'train.model.n_head', 'train.model', 'train' (list indices skipped)."""
+    names = [str(p) for p in loc if not isinstance(p, int)]
+    return [".".join(names[:i]) for i in range(len(names), 0, -1)]

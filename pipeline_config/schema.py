@@ -1,0 +1,162 @@
+"""Every knob of the pipeline, one pydantic model per stage.
+
+This module is the single source of truth for configuration: presets are YAML data validated against these models,
+and each stage receives only its own slice, which is also what its cache key hashes. `extra="forbid"` everywhere, so a
+misspelt key is an error that names the key rather than a silently ignored setting.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline_config.synthesize import SynthesizeConfig
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(Section):
+    """One place documents come from."""
+
+    kind: Literal["local", "http", "hf"] = "local"
+    path: str | None = Field(None, description="local file, directory or glob (kind=local)")
+    url: str | None = Field(None, description="HTTP(S) address of a .jsonl/.txt file, optionally .gz (kind=http)")
+    sha256: str | None = Field(None, description="expected checksum of the downloaded file (kind=http)")
+    dataset: str | None = Field(None, description="Hugging Face hub dataset id (kind=hf; needs the internet)")
+    split: str = "train"
+    text_field: str = Field("text", description="field holding the text in JSONL / hub rows")
+    language: str = Field("en", description="ISO 639-1 code, used by the per-language fertility report")
+
+    @model_validator(mode="after")
+    def _needs_location(self) -> "SourceConfig":
+        needed = {"local": "path", "http": "url", "hf": "dataset"}[self.kind]
+        if getattr(self, needed) is None:
+            raise ValueError(f"a source of kind '{self.kind}' needs '{needed}'")
+        return self
+
+
+class AcquireConfig(Section):
+    sources: list[SourceConfig] = Field(default_factory=list)
+    byte_budget: int | None = Field(None, gt=0, description="keep whole documents until this many UTF-8 bytes")
+    min_chars: int = Field(1, ge=1, description="drop documents shorter than this after normalisation")
+
+
+class TokenizerConfig(Section):
+    kind: Literal["sentencepiece", "char"] = "sentencepiece"
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    vocab_size: int = Field(1024, ge=32, description="target size (sentencepiece); char-level uses what it sees")
+    byte_fallback: bool = True
+    character_coverage: float = Field(1.0, gt=0, le=1)
+    train_bytes: int = Field(20_000_000, gt=0, description="cap on the text the vocabulary is learned from")
+    num_threads: int = Field(2, ge=1)
+
+
+class ShardConfig(Section):
+    docs_per_shard: int = Field(20_000, ge=1)
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="share of documents (by content hash) held out")
+    num_workers: int = Field(2, ge=1)
+    compression_level: int = Field(3, ge=1, le=22, description="zstd level")
+
+
+class ModelSection(Section):
+    """Mirrors `model.ModelConfig`; the vocabulary size comes from the tokenizer artifact."""
+
+    arch: Literal["gpt", "llama", "mamba2"] = "gpt"
+    block_size: int = Field(128, ge=2)
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_kv_head: int | None = Field(None, ge=1)
+    n_embd: int = Field(128, ge=8)
+    d_ff: int | None = Field(None, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    bias: bool = False
+    pos_encoding: Literal["learned", "sinusoidal"] = "learned"
+    tie_weights: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    d_state: int = 64
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 32
+    chunk_size: int = 64
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelSection":
+        if self.arch != "mamba2" and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        return self
+
+
+class TrainConfig(Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    seed: int = 1337
+    batch_size: int = Field(16, ge=1, description="sequences per micro-batch (per process under DDP)")
+    grad_accum_steps: int = Field(1, ge=1)
+    max_steps: int = Field(200, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of the peak rate")
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    dropout_final: float | None = Field(None, ge=0, lt=1, description="anneal dropout linearly to this value")
+    eval_interval: int = Field(100, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    early_stopping_patience: int = Field(0, ge=0, description="evaluations without improvement; 0 disables")
+    checkpoint_interval: int = Field(100, ge=1)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    compile: bool = False
+    deterministic: bool = False
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; None leaves torch's default")
+    track_emissions: bool = True
+    country_iso_code: str = Field("FRA", min_length=3, max_length=3)
+    log_interval: int = Field(20, ge=1)
+
+
+class EvaluateConfig(Section):
+    batch_size: int = Field(16, ge=1)
+    max_batches: int = Field(50, ge=1)
+    prompts: list[str] = Field(default_factory=lambda: ["Once upon a time", "The little dog"])
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.8, ge=0)
+    top_k: int | None = Field(50, ge=1)
+    top_p: float | None = Field(0.95, gt=0, le=1)
+    seed: int = 0
+
+
+class RegisterConfig(Section):
+    tracking_uri: str | None = Field(None, description="None: SQLite store under <artifacts_dir>/mlflow")
+    experiment: str = "scriptorium"
+    model_name: str = "scriptorium-lm"
+    champion_alias: str = "champion"
+    champion_metric: Literal["val_bpb", "val_loss", "val_perplexity"] = "val_bpb"
+
+
+# `register` is the stage's name; pydantic warns that it shadows ABCMeta.register, which no config code uses.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
+class PipelineConfig(Section):
+    name: str = "quickstart"
+    artifacts_dir: Path = Path("artifacts")
+    acquire: AcquireConfig = Field(default_factory=AcquireConfig)
+    synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    shard: ShardConfig = Field(default_factory=ShardConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    register: RegisterConfig = Field(default_factory=RegisterConfig)
+
+    @model_validator(mode="after")
+    def _has_data(self) -> "PipelineConfig":
+        if not self.acquire.sources and self.synthesize.n == 0:
+            raise ValueError("no data: give acquire.sources or synthesize.n > 0")
+        return self

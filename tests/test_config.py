@@ -1,0 +1,61 @@
+"""Configuration: validation before anything runs, errors that name the key and the file, presets, cache keys."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline_config import ConfigError, load_config
+from pipeline_config.loader import PRESETS_DIR
+
+
+def test_unknown_key_names_the_key_the_file_and_the_allowed_keys(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extends: quickstart\ntrain:\n  max_stepz: 10\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    message = str(err.value)
+    assert "train.max_stepz" in message and str(bad) in message and "max_steps" in message
+
+
+def test_wrong_value_names_allowed_values_and_the_override():
+    with pytest.raises(ConfigError) as err:
+        load_config("quickstart", ["train.model.arch=transformer"])
+    assert "--set" in str(err.value) and "'gpt', 'llama' or 'mamba2'" in str(err.value)
+
+
+def test_cli_exits_2_and_writes_nothing_on_a_bad_key(tmp_path, capsys):
+    from flows.__main__ import main
+
+    artifacts = tmp_path / "artifacts"
+    status = main(["--set", f"artifacts_dir={artifacts}", "--set", "tokenizer.vocab=12"])
+    assert status == 2
+    assert "tokenizer.vocab" in capsys.readouterr().err
+    assert not artifacts.exists()
+
+
+def test_override_parses_yaml_values_and_extends_merges(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: quickstart\ntrain:\n  model:\n    n_layer: 2\n")
+    cfg = load_config(child, ["train.learning_rate=3e-4", "evaluate.prompts=[a, b]"])
+    assert cfg.train.model.n_layer == 2 and cfg.train.model.n_embd == 128  # the rest comes from quickstart
+    assert cfg.train.learning_rate == 3e-4 and cfg.evaluate.prompts == ["a", "b"]
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+def test_every_preset_validates(preset):
+    assert load_config(preset).name == preset
+
+
+def test_cache_key_ignores_unrelated_knobs_and_follows_upstream(tmp_path):
+    from tasks.artifacts import Artifact
+    from tasks.tokenizer import STAGE as TOKENIZER
+    from tasks.train import STAGE as TRAIN
+
+    base = load_config("quickstart")
+    changed = load_config("quickstart", ["train.max_steps=300", "evaluate.temperature=0.1"])
+    docs = Artifact("acquire", tmp_path, "a" * 64)
+    assert TOKENIZER.key(base.tokenizer, {"documents": docs}) == TOKENIZER.key(changed.tokenizer, {"documents": docs})
+    assert TRAIN.key(base.train, {"shards": docs}) != TRAIN.key(changed.train, {"shards": docs})
+    other_docs = Artifact("acquire", tmp_path, "b" * 64)
+    assert TOKENIZER.key(base.tokenizer, {"documents": docs}) != TOKENIZER.key(base.tokenizer, {"documents": other_docs})
