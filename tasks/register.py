@@ -161,9 +161,9 @@ def _maybe_promote(client: Any, cfg: RegisterConfig, version: str, metrics: dict
         theirs = client.get_run(current.run_id).data.metrics.get(cfg.champion_metric)
         if theirs is not None and theirs <= metrics[cfg.champion_metric]:
             client.set_model_version_tag(cfg.model_name, version, "champion_check", f"lost to v{current.version}")
-            return False, current.version
+            return False, str(current.version)
     client.set_registered_model_alias(cfg.model_name, cfg.champion_alias, version)
-    return True, current.version if current else None
+    return True, str(current.version) if current else None
 
 
 def _requirements() -> list[str]:

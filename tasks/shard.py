@@ -63,17 +63,26 @@ def _write_shard(path: Path, tokens: np.ndarray, level: int) -> str:
     return file_sha256(path)
 
 
-def shard_corpus(cfg: ShardConfig, records: list[dict[str, str]], tokenizer_dir: Path, out_dir: Path, log: logging.Logger) -> dict[str, Any]:
-    tokenizer = load_tokenizer(tokenizer_dir)
-    dtype = token_dtype(tokenizer.vocab_size)
+def split_records(records: list[dict[str, str]], val_fraction: float) -> dict[str, list[str]]:
     splits: dict[str, list[str]] = {"train": [], "val": []}
     for record in records:
-        splits[split_of(record["text"], cfg.val_fraction)].append(record["text"])
+        splits[split_of(record["text"], val_fraction)].append(record["text"])
     if not splits["val"] and len(splits["train"]) > 1:
         # Tiny corpora can hash every document into train; evaluation still needs something held out.
         splits["val"].append(splits["train"].pop())
-    if not splits["train"]:
+    return splits
+
+
+def shard_corpus(cfg: ShardConfig, records: list[dict[str, str]], tokenizer_dir: Path, out_dir: Path, log: logging.Logger) -> dict[str, Any]:
+    return shard_splits(cfg, split_records(records, cfg.val_fraction), tokenizer_dir, out_dir, log)
+
+
+def shard_splits(cfg: ShardConfig, splits: dict[str, list[str]], tokenizer_dir: Path, out_dir: Path, log: logging.Logger) -> dict[str, Any]:
+    """Shard already-split texts ({"train": [...], "val": [...]}) into `out_dir`; returns the manifest fields."""
+    if not splits.get("train"):
         raise ValueError("shard: no training documents (the corpus is empty or entirely held out)")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    dtype = token_dtype(tokenizer.vocab_size)
 
     started = time.perf_counter()
     shards: list[dict[str, Any]] = []

@@ -227,15 +227,19 @@ def _emissions_tracker(cfg: TrainConfig, out_dir: Path):
     if not cfg.track_emissions:
         return None
     from codecarbon import OfflineEmissionsTracker
+    from codecarbon.output_methods.base_output import OutputMethod
 
+    # Offline and with an explicit country: the plain tracker would look the location up online, or assume Canada.
     return OfflineEmissionsTracker(
-        country_iso_code=cfg.country_iso_code, output_dir=str(out_dir), log_level="error", save_to_file=True
+        country_iso_code=cfg.country_iso_code, output_dir=str(out_dir), log_level="error",
+        output_methods=[OutputMethod.CSV],
     )
 
 
 def train(cfg: TrainConfig, tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int, out_dir: Path, log: logging.Logger) -> dict[str, Any]:
     rank, world = _distributed()
     leader = rank == 0
+    out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.deterministic:

@@ -36,16 +36,33 @@ def test_first_run_completes_every_stage_then_second_run_is_cached(build_model, 
     assert set(second["stages"].values()) == {"Cached"}
     assert second["registered"]["version"] == "1"  # nothing new registered
 
+    # the registered pyfunc generates from the registry by alias, honouring predict-time params
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(registered["tracking_uri"])
+    served = mlflow.pyfunc.load_model(f"models:/{registered['model_name']}@champion")
+    out = served.predict(pd.DataFrame({"prompt": ["the dog", "a cat"]}), params={"max_new_tokens": 5, "temperature": 0.0})
+    assert len(out) == 2 and out[0].startswith("the dog") and out[1].startswith("a cat")
+
 
 def test_train_override_reruns_train_evaluate_register_only(build_model, tmp_path, small_corpus):
     overrides = tiny_overrides(tmp_path / "artifacts", small_corpus)
-    build_model(preset="quickstart", overrides=overrides)
+    first = build_model(preset="quickstart", overrides=overrides)
     rerun = build_model(preset="quickstart", overrides=overrides + ["train.max_steps=9"])
     assert rerun["stages"] == {
         "acquire": "Cached", "tokenizer": "Cached", "shard": "Cached",
         "train": "Completed", "evaluate": "Completed", "register": "Completed",
     }
     assert rerun["registered"]["version"] == "2"
+    better = rerun["metrics"]["val_bpb"] < first["metrics"]["val_bpb"]
+    assert rerun["registered"]["champion"] is better
+
+    # a retrain that is clearly worse (one step) is registered but does not take the champion alias
+    worse = build_model(preset="quickstart", overrides=overrides + ["train.max_steps=1"])
+    assert worse["registered"]["version"] == "3"
+    assert worse["registered"]["champion"] is False
+    assert worse["registered"]["previous_champion"] == ("2" if better else "1")
 
     retokenized = build_model(preset="quickstart", overrides=overrides + ["tokenizer.vocab_size=400"])
     assert retokenized["stages"]["acquire"] == "Cached"
