@@ -39,5 +39,6 @@ class ScriptoriumLM(mlflow.pyfunc.PythonModel):
                 torch.tensor([ids]), int(params["max_new_tokens"]), temperature=float(params["temperature"]),
                 top_k=int(params["top_k"]) or None, top_p=float(params["top_p"]), eos_id=self.tokenizer.eos_id,
             )
-            outputs.append(str(prompt) + self.tokenizer.decode(out[0, len(ids):].tolist()))
+            # decode prompt and continuation together: SentencePiece drops the leading space of a lone continuation
+            outputs.append(self.tokenizer.decode(out[0, 1:].tolist()))
         return outputs

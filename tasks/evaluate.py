@@ -59,8 +59,9 @@ def generate_samples(model: torch.nn.Module, tokenizer: Any, cfg: EvaluateConfig
                 idx, cfg.max_new_tokens, temperature=temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                 eos_id=tokenizer.eos_id,
             )
-            completion = tokenizer.decode(out[0, len(prompt_ids):].tolist())
-            samples.append({"prompt": prompt, "mode": mode, "temperature": temperature, "text": prompt + completion})
+            # decode prompt and continuation together: SentencePiece drops the leading space of a lone continuation
+            samples.append({"prompt": prompt, "mode": mode, "temperature": temperature,
+                            "text": tokenizer.decode(out[0, 1:].tolist())})
     return samples
 
 

@@ -53,17 +53,22 @@ class Stage:
     run: StageFn
     code: tuple[str, ...]
     workdir_ignores: frozenset[str] = field(default_factory=frozenset)
+    # False for stages whose directory is a journal guarded by its own identity check (synthesize): editing their
+    # code must not strand hours of generated stories in a directory nobody reads again.
+    code_in_workdir: bool = True
     external: Callable[[Any], Any] | None = None
     retries: int = 0
     retry_delay_seconds: float = 0
 
-    def _identity(self, cfg: BaseModel, upstream: Mapping[str, Artifact | None], exclude: frozenset[str]) -> str:
+    def _identity(
+        self, cfg: BaseModel, upstream: Mapping[str, Artifact | None], exclude: frozenset[str], code: bool = True
+    ) -> str:
         return _hash(
             {
                 "stage": self.name,
                 "config": cfg.model_dump(mode="json", exclude=set(exclude)),
                 "upstream": self.key_upstream(upstream),
-                "code": code_version(self.code),
+                "code": code_version(self.code) if code else None,
                 # what lives outside the pipeline (local files' sizes and times, a URL's checksum)
                 "external": self.external(cfg) if self.external else None,
             }
@@ -73,7 +78,8 @@ class Stage:
         return self._identity(cfg, upstream, frozenset())
 
     def workdir(self, root: Path, cfg: BaseModel, upstream: Mapping[str, Artifact | None]) -> Path:
-        return Path(root).resolve() / self.name / self._identity(cfg, upstream, self.workdir_ignores)[:16]
+        identity = self._identity(cfg, upstream, self.workdir_ignores, code=self.code_in_workdir)
+        return Path(root).resolve() / self.name / identity[:16]
 
     @staticmethod
     def key_upstream(upstream: Mapping[str, Artifact | None]) -> dict[str, str | None]:

@@ -236,7 +236,10 @@ def _emissions_tracker(cfg: TrainConfig, out_dir: Path):
     )
 
 
-def train(cfg: TrainConfig, tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int, out_dir: Path, log: logging.Logger) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int, out_dir: Path, log: logging.Logger
+) -> tuple[dict[str, Any], nn.Module]:
+    """Train to `cfg.max_steps` (resuming from `out_dir/checkpoints`); returns the summary and the model."""
     rank, world = _distributed()
     leader = rank == 0
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -272,7 +275,8 @@ def train(cfg: TrainConfig, tokens: np.ndarray, val_tokens: np.ndarray, vocab_si
     if tracker:
         tracker.start()
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * world * mcfg.block_size
-    started, step, last_loss, stopped_early = time.perf_counter(), start, math.nan, False
+    started, done, last_loss, stopped_early = time.perf_counter(), start, math.nan, False
+    logged_step, logged_at = start, started
     model.train()
     try:
         for step in range(start, cfg.max_steps):
@@ -311,8 +315,9 @@ def train(cfg: TrainConfig, tokens: np.ndarray, val_tokens: np.ndarray, vocab_si
             if leader:
                 _append_metrics(metrics_path, row)
                 if done % cfg.log_interval == 0 or "val_loss" in row or done == cfg.max_steps:
-                    elapsed = time.perf_counter() - started
-                    rate = (done - start) * tokens_per_step / max(elapsed, 1e-9)
+                    now = time.perf_counter()
+                    rate = (done - logged_step) * tokens_per_step / max(now - logged_at, 1e-9)  # recent, not average
+                    logged_step, logged_at = done, now
                     eta = (cfg.max_steps - done) * tokens_per_step / max(rate, 1e-9)
                     log.info(
                         "train: step %d/%d loss %.4f%s lr %.2e %.0f tok/s eta %.0fs",
@@ -327,7 +332,6 @@ def train(cfg: TrainConfig, tokens: np.ndarray, val_tokens: np.ndarray, vocab_si
     finally:
         emissions = tracker.stop() if tracker else None
     elapsed = time.perf_counter() - started
-    steps_done = (step + 1 - start) if cfg.max_steps > start else 0
     energy = tracker.final_emissions_data.energy_consumed if tracker else None
     return {
         "model_config": asdict(mcfg),
@@ -336,12 +340,12 @@ def train(cfg: TrainConfig, tokens: np.ndarray, val_tokens: np.ndarray, vocab_si
         "device": str(device),
         "dtype": "bfloat16" if dtype else "float32",
         "world_size": world,
-        "steps": step + 1 if cfg.max_steps > start else start,
+        "steps": done,
         "resumed_from": start,
         "final_train_loss": last_loss,
         "best_val_loss": best_val,
         "early_stopped": stopped_early,
-        "tokens_per_s": steps_done * tokens_per_step / max(elapsed, 1e-9),
+        "tokens_per_s": (done - start) * tokens_per_step / max(elapsed, 1e-9),
         "train_seconds": elapsed,
         "energy_kwh": energy,
         "emissions_kg_co2eq": emissions,

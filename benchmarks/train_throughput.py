@@ -1,0 +1,173 @@
+"""Training throughput and MFU of each architecture, against this machine's own matmul peak.
+
+    python benchmarks/train_throughput.py [--archs gpt,llama,mamba2] [--dtypes fp32,bf16] [--steps 10]
+
+The reference is this machine's matmul peak: large square matmuls in fp32 and in bf16, measured in this
+same run (before and after the models; the higher is kept), so that MFU is relative to what this device
+actually sustains, not a datasheet figure. For each architecture and dtype it times forward + backward +
+AdamW step on random tokens (bf16 through torch.autocast, as training does it; median step) and reports
+
+    MFU = tokens/s * model.flops_per_token() / peak(dtype)
+
+Uses CUDA when available, else the CPU. On a CPU shared with other work, `--threads 1` gives steadier
+figures: two OpenMP threads on two busy cores wait on each other. The last line is
+`mfu_bf16_llama: <fraction>` for scripts.
+"""
+
+import argparse
+import contextlib
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from model import ModelConfig, build_model  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, seconds: float) -> float:
+    """FLOP/s of repeated n x n matmuls, best of a few timed batches (the least disturbed one)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    synchronize(device)
+    # Size each batch from one timed matmul so a batch lasts about seconds / 3.
+    t0 = time.perf_counter()
+    a @ b
+    synchronize(device)
+    reps = max(1, int(seconds / 3 / max(time.perf_counter() - t0, 1e-6)))
+    best = 0.0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        synchronize(device)
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+    return best
+
+
+def train_throughput(cfg: ModelConfig, dtype: str, batch_size: int, warmup: int, steps: int, device) -> dict:
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device).train()
+    optimizer = model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), device.type)
+    x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size), device=device)
+    y = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size), device=device)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+    )
+
+    def step():
+        with autocast:
+            _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    # Time steps one by one and take the median: on a shared machine one step that another process
+    # preempted should not move the figure (on CUDA the per-step synchronize costs microseconds).
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = step()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    tokens_per_s = batch_size * cfg.block_size / step_s
+    return {
+        "params_m": model.num_params() / 1e6,
+        "flops_per_token": model.flops_per_token(),
+        "ms_per_step": 1e3 * step_s,
+        "tokens_per_s": tokens_per_s,
+        "flops": tokens_per_s * model.flops_per_token(),
+        "loss": loss.item(),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--archs", default="gpt,llama,mamba2")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per arch and dtype")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=256)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--matmul-size", type=int, default=None, help="side of the peak matmul (2048 CPU, 8192 CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch's default if unset)")
+    args = p.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    archs, dtypes = args.archs.split(","), args.dtypes.split(",")
+    for d in dtypes:
+        if d not in DTYPES:
+            p.error(f"--dtypes: {d!r} is not one of {', '.join(DTYPES)}")
+    n = args.matmul_size or (8192 if device.type == "cuda" else 2048)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}   torch {torch.__version__}")
+
+    print(
+        f"model: {args.n_layer} layers, d {args.n_embd}, {args.n_head} heads, context {args.block_size}, "
+        f"vocab {args.vocab_size}, batch {args.batch_size}; {args.warmup} warmup + {args.steps} timed steps"
+    )
+    # The peak is measured before and after the models, and the higher of the two kept: on a shared
+    # machine a peak measured while another process ran would inflate every MFU; the max only deflates.
+    peak_before = {d: matmul_peak(device, DTYPES[d], n, seconds=1.5) for d in dtypes}
+    results = {}
+    for arch in archs:
+        cfg = ModelConfig(
+            arch=arch,
+            vocab_size=args.vocab_size,
+            block_size=args.block_size,
+            n_layer=args.n_layer,
+            n_head=args.n_head,
+            n_embd=args.n_embd,
+        )
+        for d in dtypes:
+            results[arch, d] = r = train_throughput(cfg, d, args.batch_size, args.warmup, args.steps, device)
+            print(f"  measured {arch} {d}: {r['ms_per_step']:.1f} ms/step", flush=True)
+    peak_after = {d: matmul_peak(device, DTYPES[d], n, seconds=1.5) for d in dtypes}
+    peak = {d: max(peak_before[d], peak_after[d]) for d in dtypes}
+    for d in dtypes:
+        print(
+            f"matmul peak {d}: {peak[d] / 1e9:.1f} GFLOP/s ({n}x{n} matmuls; "
+            f"{peak_before[d] / 1e9:.1f} before the models, {peak_after[d] / 1e9:.1f} after)"
+        )
+
+    header = (
+        f"{'arch':<8}{'dtype':<6}{'params(M)':>10}{'MFLOP/tok':>11}{'ms/step':>10}{'tokens/s':>11}"
+        f"{'GFLOP/s':>10}{'MFU':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    mfu = {}
+    for (arch, d), r in results.items():
+        mfu[arch, d] = r["flops"] / peak[d]
+        print(
+            f"{arch:<8}{d:<6}{r['params_m']:>10.2f}{r['flops_per_token'] / 1e6:>11.1f}{r['ms_per_step']:>10.1f}"
+            f"{r['tokens_per_s']:>11.0f}{r['flops'] / 1e9:>10.1f}{mfu[arch, d]:>8.1%}"
+        )
+    print(f"mfu_bf16_llama: {mfu.get(('llama', 'bf16'), math.nan):.4f}")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""GPT-2 style decoder (Radford et al. 2019), after nanoGPT's model.py.
+
+Pre-norm blocks with LayerNorm and a GELU MLP, absolute positions added to the token embeddings:
+either learned, or the fixed sinusoidal table of the original Transformer, which is a buffer and not a
+parameter, so a sweep can compare the two at the same trainable size minus the table.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .causal_lm import CausalLM
+from .config import ModelConfig
+from .layers import (
+    KVCache,
+    causal_attention,
+    lm_cross_entropy,
+    padding_attention_mask,
+    positions_from_mask,
+    sinusoidal_table,
+)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer  # index into the KV cache
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, attn_mask=None, cache: KVCache | None = None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        dropout_p = self.dropout if self.training else 0.0
+        y = causal_attention(q, k, v, attn_mask, dropout_p)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, attn_mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(CausalLM):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.pos_encoding == "learned":
+            self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        else:
+            # Not persistent: it is a function of the config, so checkpoints need not carry it.
+            self.register_buffer("wpe_table", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            # Input and output embeddings share one matrix (Press & Wolf 2017): fewer parameters, and the
+            # rarely-seen tokens' input rows get gradient from the output side on every step.
+            self.wte.weight = self.lm_head.weight
+        self._init_parameters(residual_proj_names=("c_proj.weight",), residuals_per_layer=2)
+
+    def _lookup_tables(self):
+        tables = [self.wpe.weight] if self.config.pos_encoding == "learned" else []
+        if not self.config.tie_weights:
+            tables.append(self.wte.weight)
+        return tables
+
+    def _mixer_flops_per_token(self) -> int:
+        c = self.config
+        return 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
+
+    def _position_embedding(self, pos):
+        if self.config.pos_encoding == "learned":
+            return self.wpe(pos)
+        return self.wpe_table[pos]
+
+    def _hidden(self, idx, attention_mask=None, cache: KVCache | None = None):
+        B, T = idx.size()
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} exceeds block_size={self.config.block_size}")
+        attn_mask = None
+        if attention_mask is not None:
+            pos = positions_from_mask(attention_mask)
+            attn_mask = padding_attention_mask(attention_mask)
+        else:
+            pos = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.wte(idx) + self._position_embedding(pos))
+        for block in self.h:
+            x = block(x, attn_mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.ln_f(x)
+
+    def forward(self, idx, targets=None, attention_mask=None):
+        """idx (B, T) -> (logits, loss). With targets: logits (B, T, V) and the mean cross-entropy over
+        targets != -1. Without: logits (B, 1, V) of the last slot, and None.
+
+        attention_mask (B, T), 1 = real token, 0 = padding: padded keys are masked out and positions count
+        real tokens only, so a left- or right-padded row gives its real tokens the same logits as the
+        unpadded sequence. (Without targets the last slot is read: left-pad batched prompts.)
+        """
+        x = self._hidden(idx, attention_mask)
+        if targets is None:
+            # Inference needs only the next-token distribution; skip the vocabulary matmul elsewhere.
+            return self.lm_head(x[:, [-1], :]), None
+        logits = self.lm_head(x)
+        return logits, lm_cross_entropy(logits, targets)
+
+    # ---- generation -----------------------------------------------------------------------------
+
+    def _new_cache(self, batch_size: int) -> KVCache:
+        return KVCache(self.config.n_layer, self.config.block_size)
+
+    def _cache_can_hold(self, length: int) -> bool:
+        return length <= self.config.block_size
+
+    def _forward_cached(self, idx, cache: KVCache):
+        return self.lm_head(self._hidden(idx, cache=cache)[:, -1, :])

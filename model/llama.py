@@ -1,0 +1,147 @@
+"""Llama-style decoder (Touvron et al. 2023): RMSNorm, rotary positions, SwiGLU, grouped-query attention.
+
+No biases anywhere and no position table: RoPE rotates queries and keys so attention scores depend on
+relative position only. `n_kv_head` < `n_head` shares each key/value head among a group of query heads
+(GQA; 1 = multi-query), shrinking the KV cache by n_head / n_kv_head.
+
+The matmuls are laid out for throughput: q, k, v come from one fused projection and the SwiGLU gate and
+up projections from another, so each block does four large matmuls instead of seven small ones.
+"""
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .causal_lm import CausalLM
+from .config import ModelConfig
+from .layers import (
+    KVCache,
+    RMSNorm,
+    apply_rope,
+    causal_attention,
+    lm_cross_entropy,
+    padding_attention_mask,
+    positions_from_mask,
+    rope_tables,
+)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer  # index into the KV cache
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.dropout = cfg.dropout
+        kv_dim = self.n_kv_head * self.head_dim
+        self.wqkv = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None):
+        B, T, C = x.size()
+        H, Hkv = self.n_head, self.n_kv_head
+        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, self.head_dim)
+        # q and k heads sit side by side in the projection's output: rotate them in one pass.
+        q, k = apply_rope(qkv[:, :, : H + Hkv], cos, sin).split((H, Hkv), dim=2)
+        v = qkv[:, :, H + Hkv :]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # the cache stores un-repeated kv heads: GQA's saving
+        dropout_p = self.dropout if self.training else 0.0
+        y = causal_attention(q, k, v, attn_mask, dropout_p, enable_gqa=self.n_kv_head != self.n_head)
+        return self.wo(y.transpose(1, 2).reshape(B, T, C))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020): w2(silu(x w1) * (x w3)), with w1 and w3 stored as one matrix `w13`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w13 = nn.Linear(cfg.n_embd, 2 * cfg.mlp_hidden, bias=False)
+        self.w2 = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.dropout(self.w2(F.silu(gate) * up))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attention = Attention(cfg, layer)
+        self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, attn_mask=None, cache=None):
+        x = x + self.resid_dropout(self.attention(self.attention_norm(x), cos, sin, attn_mask, cache))
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Llama(CausalLM):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.output = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.tok_embeddings.weight = self.output.weight
+        # Buffers, not parameters, and not persistent: a function of the config, rebuilt on load.
+        cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._init_parameters(residual_proj_names=("wo.weight", "w2.weight"), residuals_per_layer=2)
+
+    def _lookup_tables(self):
+        return [] if self.config.tie_weights else [self.tok_embeddings.weight]
+
+    def _mixer_flops_per_token(self) -> int:
+        c = self.config
+        return 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
+
+    def _hidden(self, idx, attention_mask=None, cache: KVCache | None = None):
+        B, T = idx.size()
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} exceeds block_size={self.config.block_size}")
+        attn_mask = None
+        if attention_mask is not None:
+            pos = positions_from_mask(attention_mask)  # (B, T): per-row positions over real tokens
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+            attn_mask = padding_attention_mask(attention_mask)
+        else:
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        x = self.drop(self.tok_embeddings(idx))
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn_mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(x)
+
+    def forward(self, idx, targets=None, attention_mask=None):
+        """idx (B, T) -> (logits, loss). With targets: logits (B, T, V) and the mean cross-entropy over
+        targets != -1. Without: logits (B, 1, V) of the last slot, and None.
+
+        attention_mask (B, T), 1 = real token, 0 = padding: padded keys are masked out and positions count
+        real tokens only, so a left- or right-padded row gives its real tokens the same logits as the
+        unpadded sequence. (Without targets the last slot is read: left-pad batched prompts.)
+        """
+        x = self._hidden(idx, attention_mask)
+        if targets is None:
+            return self.output(x[:, [-1], :]), None
+        logits = self.output(x)
+        return logits, lm_cross_entropy(logits, targets)
+
+    # ---- generation -----------------------------------------------------------------------------
+
+    def _new_cache(self, batch_size: int) -> KVCache:
+        return KVCache(self.config.n_layer, self.config.block_size)
+
+    def _cache_can_hold(self, length: int) -> bool:
+        return length <= self.config.block_size
+
+    def _forward_cached(self, idx, cache: KVCache):
+        return self.output(self._hidden(idx, cache=cache)[:, -1, :])
