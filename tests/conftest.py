@@ -39,6 +39,7 @@ def tiny_overrides(artifacts: Path, corpus: Path, stories: int = 0) -> list[str]
         "acquire.byte_budget=200000",
         f"synthesize.n={stories}",
         "synthesize.max_tokens=48",
+        "synthesize.quality.min_words=10",
         "tokenizer.vocab_size=320",
         "train.model.n_layer=1",
         "train.model.n_embd=32",
