@@ -3,7 +3,8 @@
 GPT, Llama and Mamba-2 differ in how they mix tokens; they do not differ in how they are optimised,
 counted, initialised or sampled from. Those live here once. A subclass provides:
 
-- `forward(idx, targets=None, attention_mask=None) -> (logits, loss)`
+- `_hidden(idx, attention_mask=None) -> (B, T, C)`: the final-normalised hidden states, and `lm_head`;
+  `forward` is shared on top of them;
 - `_new_cache(batch_size)` and `_forward_cached(idx, cache) -> logits (B, V) of the last position`,
   which consumes `idx` (the tokens not yet in the cache) and advances the cache;
 - `_cache_can_hold(length)`: whether a cache can cover a context of `length` tokens;
@@ -17,11 +18,27 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
-from .layers import sample_next_token
+from .layers import KVCache, lm_cross_entropy, sample_next_token
 
 
 class CausalLM(nn.Module):
     config: ModelConfig
+    lm_head: nn.Linear
+
+    def forward(self, idx, targets=None, attention_mask=None):
+        """idx (B, T) -> (logits, loss). With targets: logits (B, T, V) and the mean cross-entropy over
+        targets != -1. Without: logits (B, 1, V) of the last slot, and None.
+
+        attention_mask (B, T), 1 = real token, 0 = padding: a left- or right-padded row gives its real
+        tokens the same logits as the unpadded sequence. (Without targets the last slot is read: left-pad
+        batched prompts.)
+        """
+        x = self._hidden(idx, attention_mask)
+        if targets is None:
+            # Inference needs only the next-token distribution; skip the vocabulary matmul elsewhere.
+            return self.lm_head(x[:, [-1], :]), None
+        logits = self.lm_head(x)
+        return logits, lm_cross_entropy(logits, targets)
 
     # ---- initialisation -------------------------------------------------------------------------
 
@@ -133,3 +150,16 @@ class CausalLM(nn.Module):
             if eos_id is not None and bool(finished.all()):
                 break
         return idx
+
+
+class AttentionLM(CausalLM):
+    """The KV-cache side of generation, shared by the attention models (gpt, llama)."""
+
+    def _new_cache(self, batch_size: int) -> KVCache:
+        return KVCache(self.config.n_layer, self.config.block_size)
+
+    def _cache_can_hold(self, length: int) -> bool:
+        return length <= self.config.block_size
+
+    def _forward_cached(self, idx, cache: KVCache):
+        return self.lm_head(self._hidden(idx, cache=cache)[:, -1, :])

@@ -9,12 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .causal_lm import CausalLM
+from .causal_lm import AttentionLM
 from .config import ModelConfig
 from .layers import (
     KVCache,
     causal_attention,
-    lm_cross_entropy,
     padding_attention_mask,
     positions_from_mask,
     sinusoidal_table,
@@ -67,7 +66,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(CausalLM):
+class GPT(AttentionLM):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -119,29 +118,3 @@ class GPT(CausalLM):
         if cache is not None:
             cache.advance(T)
         return self.ln_f(x)
-
-    def forward(self, idx, targets=None, attention_mask=None):
-        """idx (B, T) -> (logits, loss). With targets: logits (B, T, V) and the mean cross-entropy over
-        targets != -1. Without: logits (B, 1, V) of the last slot, and None.
-
-        attention_mask (B, T), 1 = real token, 0 = padding: padded keys are masked out and positions count
-        real tokens only, so a left- or right-padded row gives its real tokens the same logits as the
-        unpadded sequence. (Without targets the last slot is read: left-pad batched prompts.)
-        """
-        x = self._hidden(idx, attention_mask)
-        if targets is None:
-            # Inference needs only the next-token distribution; skip the vocabulary matmul elsewhere.
-            return self.lm_head(x[:, [-1], :]), None
-        logits = self.lm_head(x)
-        return logits, lm_cross_entropy(logits, targets)
-
-    # ---- generation -----------------------------------------------------------------------------
-
-    def _new_cache(self, batch_size: int) -> KVCache:
-        return KVCache(self.config.n_layer, self.config.block_size)
-
-    def _cache_can_hold(self, length: int) -> bool:
-        return length <= self.config.block_size
-
-    def _forward_cached(self, idx, cache: KVCache):
-        return self.lm_head(self._hidden(idx, cache=cache)[:, -1, :])

@@ -11,14 +11,13 @@ up projections from another, so each block does four large matmuls instead of se
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .causal_lm import CausalLM
+from .causal_lm import AttentionLM
 from .config import ModelConfig
 from .layers import (
     KVCache,
     RMSNorm,
     apply_rope,
     causal_attention,
-    lm_cross_entropy,
     padding_attention_mask,
     positions_from_mask,
     rope_tables,
@@ -78,7 +77,7 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-class Llama(CausalLM):
+class Llama(AttentionLM):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -86,9 +85,9 @@ class Llama(CausalLM):
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.output = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
-            self.tok_embeddings.weight = self.output.weight
+            self.tok_embeddings.weight = self.lm_head.weight
         # Buffers, not parameters, and not persistent: a function of the config, rebuilt on load.
         cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -120,28 +119,3 @@ class Llama(CausalLM):
         if cache is not None:
             cache.advance(T)
         return self.norm(x)
-
-    def forward(self, idx, targets=None, attention_mask=None):
-        """idx (B, T) -> (logits, loss). With targets: logits (B, T, V) and the mean cross-entropy over
-        targets != -1. Without: logits (B, 1, V) of the last slot, and None.
-
-        attention_mask (B, T), 1 = real token, 0 = padding: padded keys are masked out and positions count
-        real tokens only, so a left- or right-padded row gives its real tokens the same logits as the
-        unpadded sequence. (Without targets the last slot is read: left-pad batched prompts.)
-        """
-        x = self._hidden(idx, attention_mask)
-        if targets is None:
-            return self.output(x[:, [-1], :]), None
-        logits = self.output(x)
-        return logits, lm_cross_entropy(logits, targets)
-
-    # ---- generation -----------------------------------------------------------------------------
-
-    def _new_cache(self, batch_size: int) -> KVCache:
-        return KVCache(self.config.n_layer, self.config.block_size)
-
-    def _cache_can_hold(self, length: int) -> bool:
-        return length <= self.config.block_size
-
-    def _forward_cached(self, idx, cache: KVCache):
-        return self.output(self._hidden(idx, cache=cache)[:, -1, :])

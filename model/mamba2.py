@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .causal_lm import CausalLM
 from .config import ModelConfig
-from .layers import RMSNorm, lm_cross_entropy
+from .layers import RMSNorm
 
 
 # -----------------------------------------------------------------------------
@@ -223,15 +223,6 @@ class Mamba2(CausalLM):
         for layer in self.layers:
             x = layer(x, keep, state)
         return self.norm_f(x)
-
-    def forward(self, idx, targets=None, attention_mask=None):
-        """attention_mask (1 = real token) zeroes padded steps' input to the conv and the state, so padding
-        on either side leaves the real tokens' logits unchanged."""
-        x = self._hidden(idx, attention_mask)
-        if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
-        logits = self.lm_head(x)
-        return logits, lm_cross_entropy(logits, targets)
 
     # ---- generation -----------------------------------------------------------------------------
 
