@@ -4,8 +4,8 @@
 
 It runs the pipeline's own stage functions (tokenizer: 4096-piece BPE; shard; train; evaluate's bits per byte) on
 `train.jsonl` / `val.jsonl`. The training budget is wall-clock: a few timed steps measure the step time, then
-`max_steps` is set so the cosine schedule ends when the budget does. Tokenizer training and sharding are not counted
-against the budget; the final evaluation is. The last line is `val_bpb: <bits per byte>`.
+`max_steps` is set so the cosine schedule ends when the budget does. Tokenizer training, sharding and the probes are
+not counted against the budget; the final evaluation is. The last line is `val_bpb: <bits per byte>`.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     log = logging.getLogger("quality")
 
     work = Path(tempfile.mkdtemp(prefix="scriptorium-quality-"))
@@ -71,13 +71,17 @@ def main() -> None:
     )
     base = dict(model=model, batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=10, min_lr_ratio=0.1,
                 weight_decay=0.1, track_emissions=False, dtype=args.dtype, eval_batches=4, log_interval=50)
-    probe_steps = 8
-    started = time.perf_counter()
-    train(TrainConfig(**base, max_steps=probe_steps, eval_interval=probe_steps), train_tokens, val_tokens, vocab,
-          work / "probe", log)
-    step_time = (time.perf_counter() - started) / probe_steps
+    # Two probes of different lengths: their difference is the steady step time, without start-up and evaluation.
+    probe_times = {}
+    for probe_steps in (4, 12):
+        started = time.perf_counter()
+        train(TrainConfig(**base, max_steps=probe_steps, eval_interval=probe_steps), train_tokens, val_tokens, vocab,
+              work / f"probe-{probe_steps}", log)
+        probe_times[probe_steps] = time.perf_counter() - started
+    step_time = (probe_times[12] - probe_times[4]) / 8
+    overhead = probe_times[4] - 4 * step_time  # model build, evaluation: paid again by the real run
     budget = args.minutes * 60
-    steps = max(int(budget * 0.97 / step_time) - 1, 10)
+    steps = max(int((budget - overhead) * 0.97 / step_time), 10)
     log.info("probe: %.3f s/step -> %d steps in %.1f minutes", step_time, steps, args.minutes)
 
     started = time.perf_counter()
