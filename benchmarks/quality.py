@@ -85,13 +85,14 @@ def main() -> None:
     log.info("probe: %.3f s/step -> %d steps in %.1f minutes", step_time, steps, args.minutes)
 
     started = time.perf_counter()
-    summary, net = train(TrainConfig(**base, max_steps=steps, eval_interval=max(steps // 5, 1)), train_tokens,
+    # max_seconds is the hard stop should the machine slow down after the probes (the schedule still spans `steps`)
+    summary, net = train(TrainConfig(**base, max_steps=steps, max_seconds=budget - overhead, eval_interval=max(steps // 5, 1)), train_tokens,
                          val_tokens, vocab, work / "run", log)
     loss, scored = validation_loss(net.eval(), val_tokens, args.block_size, 16, 10_000)
     elapsed = time.perf_counter() - started
     totals = manifest["totals"]["val"]
     bpb = loss / math.log(2) * totals["tokens"] / totals["text_bytes"]
-    print(f"arch {args.arch}, {summary['parameters'] / 1e6:.2f}M params, {steps} steps, "
+    print(f"arch {args.arch}, {summary['parameters'] / 1e6:.2f}M params, {summary['steps']}/{steps} steps, "
           f"{summary['tokens_per_s']:.0f} tok/s, {elapsed / 60:.1f} min, torch threads {torch.get_num_threads()}")
     print(f"val_loss: {loss:.4f} over {scored} tokens")
     print(f"val_bpb: {bpb:.4f}")

@@ -99,6 +99,9 @@ class TrainConfig(Section):
     batch_size: int = Field(16, ge=1, description="sequences per micro-batch (per process under DDP)")
     grad_accum_steps: int = Field(1, ge=1)
     max_steps: int = Field(200, ge=1)
+    max_seconds: float | None = Field(
+        None, gt=0, description="also stop when training has run this long (the schedule still spans max_steps)"
+    )
     learning_rate: float = Field(1e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of the peak rate")
     warmup_steps: int = Field(20, ge=0)

@@ -330,6 +330,12 @@ def train(
                 best_val, stale = (val, 0) if val < best_val else (best_val, stale + 1)
                 if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
                     stopped_early = True
+            out_of_time = cfg.max_seconds is not None and time.perf_counter() - started >= cfg.max_seconds
+            if world > 1 and cfg.max_seconds is not None:  # ranks must agree, or the others wait forever
+                flag = torch.tensor([float(out_of_time)], device=device)
+                torch.distributed.broadcast(flag, src=0)
+                out_of_time = bool(flag.item())
+            stopped_early = stopped_early or out_of_time
             if leader:
                 _append_metrics(metrics_path, row)
                 if done % cfg.log_interval == 0 or "val_loss" in row or done == cfg.max_steps:
@@ -345,7 +351,8 @@ def train(
                 if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps or stopped_early:
                     save_checkpoint(checkpoints, done, model, optimizer, {"best_val": best_val, "stale": stale})
             if stopped_early:
-                log.info("train: early stop at step %d (no val improvement in %d evaluations)", done, stale)
+                reason = f"{cfg.max_seconds:.0f} s budget spent" if out_of_time else f"no val improvement in {stale} evaluations"
+                log.info("train: early stop at step %d (%s)", done, reason)
                 break
     finally:
         emissions = tracker.stop() if tracker else None

@@ -108,6 +108,13 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     assert all(torch.isfinite(t).all() for t in ckpt.values())
 
 
+def test_time_budget_stops_training_and_leaves_a_checkpoint(tmp_path):
+    summary, _ = train(tiny_train_config(max_steps=1000, max_seconds=0.001), corpus_tokens(), corpus_tokens(800), 64,
+                       tmp_path, LOG)
+    assert summary["steps"] == 1 and summary["early_stopped"]
+    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["step"] == 1
+
+
 def _shards(tmp_path: Path) -> Path:
     from tasks.artifacts import write_manifest
     from tasks.shard import _write_shard
