@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from model import ModelConfig, build_model
 from pipeline_config.schema import TrainConfig
-from tasks.artifacts import Artifact, describe_files, load_artifact, write_json
+from tasks.artifacts import Artifact, describe_files, load_artifact, write_atomic, write_json
 from tasks.shard import load_split
 from tasks.stage import Stage, prefect_task
 
@@ -51,14 +51,16 @@ class TrainingDiverged(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------------------- devices
 def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("train.device is 'mps' but MPS is not available; use 'auto' or 'cpu'")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per torchrun process
+        torch.cuda.set_device(device)
+        return device
     if name != "auto":
-        if name == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("train.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
-        if name == "mps" and not torch.backends.mps.is_available():
-            raise RuntimeError("train.device is 'mps' but MPS is not available; use 'auto' or 'cpu'")
         return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
@@ -145,13 +147,16 @@ def mean_loss(model: nn.Module, windows: Windows, batches: int, batch_size: int,
 
 
 # --------------------------------------------------------------------------------------------------------- schedule
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """Linear warmup, then cosine decay to `min_lr_ratio` of the peak at `max_steps`."""
+def learning_rate(cfg: TrainConfig, step: int, elapsed: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to `min_lr_ratio` of the peak at `max_steps`, or at `max_seconds` of
+    training (`elapsed`) if that comes first, so a time-budgeted run still ends on a decayed rate."""
     peak = cfg.learning_rate
     if step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
     span = max(cfg.max_steps - cfg.warmup_steps, 1)
     progress = min((step - cfg.warmup_steps) / span, 1.0)
+    if cfg.max_seconds:
+        progress = max(progress, min(elapsed / cfg.max_seconds, 1.0))
     floor = peak * cfg.min_lr_ratio
     return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (peak - floor)
 
@@ -236,6 +241,16 @@ def _distributed() -> tuple[int, int]:
     return rank, world
 
 
+def _agreed_elapsed(started: float, world: int, device: torch.device) -> float:
+    """Seconds since `started` by rank 0's clock, so every rank takes the same time-based decisions."""
+    elapsed = time.perf_counter() - started
+    if world > 1:
+        value = torch.tensor([elapsed], dtype=torch.float64, device=device)  # NCCL only moves device tensors
+        torch.distributed.broadcast(value, src=0)
+        elapsed = float(value.item())
+    return elapsed
+
+
 def _append_metrics(path: Path, row: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(row) + "\n")
@@ -282,13 +297,16 @@ def train(
             "bf16 autocast" if dtype else "fp32", f"resuming at step {start}" if start else "from scratch",
         )
     runner: nn.Module = model
-    if cfg.compile:
-        runner = torch.compile(model)
     if world > 1:
-        runner = torch.nn.parallel.DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
+        runner = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        runner = torch.compile(runner)  # after DDP, so the compiler sees DDP's bucket boundaries
     train_windows = Windows(tokens, mcfg.block_size, cfg.seed)
     val_windows = Windows(val_tokens, mcfg.block_size, cfg.seed)
     metrics_path = out_dir / METRICS
+    if leader and metrics_path.is_file():  # rows a killed run logged after its last checkpoint are re-done now
+        rows = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+        write_atomic(metrics_path, "".join(row + "\n" for row in rows))
     tracker = _emissions_tracker(cfg, out_dir) if leader else None
     if tracker:
         tracker.start()
@@ -298,7 +316,8 @@ def train(
     model.train()
     try:
         for step in range(start, cfg.max_steps):
-            lr = learning_rate(cfg, step)
+            elapsed = _agreed_elapsed(started, world, device) if cfg.max_seconds else 0.0
+            lr = learning_rate(cfg, step, elapsed)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if cfg.dropout_final is not None:
@@ -330,11 +349,7 @@ def train(
                 best_val, stale = (val, 0) if val < best_val else (best_val, stale + 1)
                 if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
                     stopped_early = True
-            out_of_time = cfg.max_seconds is not None and time.perf_counter() - started >= cfg.max_seconds
-            if world > 1 and cfg.max_seconds is not None:  # ranks must agree, or the others wait forever
-                flag = torch.tensor([float(out_of_time)], device=device)
-                torch.distributed.broadcast(flag, src=0)
-                out_of_time = bool(flag.item())
+            out_of_time = cfg.max_seconds is not None and _agreed_elapsed(started, world, device) >= cfg.max_seconds
             stopped_early = stopped_early or out_of_time
             if leader:
                 _append_metrics(metrics_path, row)

@@ -92,6 +92,8 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
     assert first.returncode == -9
     assert json.loads((killed / "checkpoints" / "latest.json").read_text())["step"] == 20
     assert subprocess.run([sys.executable, str(script), str(killed), "-1"], env=env).returncode == 0
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 31))  # the steps redone after the kill are logged once
     a, b = weights(clean / "final.safetensors"), weights(killed / "final.safetensors")
     assert a.keys() == b.keys()
     for name in a:
@@ -106,6 +108,13 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     assert latest["path"] in str(err.value)
     ckpt = weights(tmp_path / "checkpoints" / latest["path"] / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in ckpt.values())
+
+
+def test_time_budget_decays_the_rate_by_elapsed_time():
+    cfg = tiny_train_config(learning_rate=1e-3, warmup_steps=0, max_steps=1000, min_lr_ratio=0.1, max_seconds=10)
+    assert learning_rate(cfg, 5, elapsed=0.0) == pytest.approx(learning_rate(cfg, 5))
+    assert learning_rate(cfg, 5, elapsed=10.0) == pytest.approx(1e-4)  # the budget is spent: at the floor
+    assert learning_rate(cfg, 5, elapsed=5.0) < learning_rate(cfg, 5)
 
 
 def test_time_budget_stops_training_and_leaves_a_checkpoint(tmp_path):
