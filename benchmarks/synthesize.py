@@ -1,6 +1,6 @@
 """Benchmark: story generation tokens/s, single stream vs the batched llama.cpp backend, in one run.
 
-    python benchmarks/synthesize.py [--stories 32] [--max-tokens 96] [--parallel 8] [--threads N] [--rounds 2]
+    python benchmarks/synthesize.py [--stories 32] [--max-tokens 96] [--parallel 16] [--threads N] [--rounds 2]
                                     [--requantize q8_0|q4_0|f16|none] [--with-parallel-1]
 
 All sides write the same stories (same recipe prompts, same sampling settings, same thread count):

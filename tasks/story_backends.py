@@ -14,14 +14,15 @@ reproducible for a given `parallel`, not across values of it.)
 The non-obvious decisions, all measured on the 2-core machine this was written on (benchmarks/synthesize.py):
 - Batching pays less on a CPU than on a GPU: a core spends ~10 ms of arithmetic per token even in a batch, against
   ~19 ms for a lone token, so a batch does not amortize much. End to end, against `create_chat_completion` one story
-  at a time with the same thread count: 1.2x the tokens/s at parallel=4, 1.5x at 8, 1.7x at 16. Prompt processing is
+  at a time with the same thread count (idle machine, 2 threads): 1.8x the tokens/s at parallel=8, 2.1x at 16, 2.0x
+  at 32. Prompt processing is
   the other half of the bill: a prompt is ~95 tokens for a ~150-token story.
 - So prompts are made cheap twice over. The KV cells of the prefix that prompts share (chat header, system message,
   the template's fixed opening: ~40 tokens) are computed once per system message and copied into each new sequence
   (`llama_memory_seq_cp`), which gives bit-identical logits. And the weights are re-quantized at load from Q4_1, for
   which x86 has no batched matrix kernel, to Q8_0, which processes prompts ~2x faster and holds Q4_1 values almost
   exactly (perplexity 13.82 vs 13.89 on our stories; Q4_0 would be faster still but costs +29% perplexity).
-- Threads default to all cores but one (`default_threads`); see there why.
+- Threads default to every core (`default_threads`); see there when to lower them.
 
 Both backends pull work through `next_request()` instead of taking a list: the caller may queue a retry for a
 rejected story while generation is running, and a backend asks again whenever a slot frees up.
@@ -91,11 +92,11 @@ def cpu_threads() -> int:
 
 
 def default_threads() -> int:
-    """All cores but one. ggml's threads meet at a spinning barrier after every operation: when another process
-    takes a core, one descheduled thread stalls all the others, and on this 2-core machine, shared with other work,
-    2 threads then ran a decoding step 10-100x slower than 1 thread did (1 thread: 17-28 ms per token; 2 threads:
-    0.3-3.4 s). The price on an idle machine: 70 batched tokens/s with 1 thread against 123 with 2."""
-    return max(1, cpu_threads() - 1)
+    """Every core: the stage runs alone in the pipeline, and on an idle 2-core machine 2 threads decode 122 batched
+    tokens/s against 70 with 1. On a machine shared with other work set `synthesize.n_threads` lower: ggml's threads
+    meet at a spinning barrier after every operation, so one descheduled thread stalls the others (seen here: 2
+    threads ran a step 10-100x slower than 1 thread while another process held a core)."""
+    return cpu_threads()
 
 
 # --- llama.cpp, embedded ----------------------------------------------------------------------------------------
