@@ -1,8 +1,8 @@
 """Artifacts: a stage's output directory, which exists for the pipeline only once its `manifest.json` is written.
 
 Every file is written atomically (a temporary file in the same directory, fsync, then `os.replace`), and the manifest
-is written last, so a killed stage never leaves something that looks finished. The manifest's SHA-256 is the
-artifact's fingerprint: downstream cache keys hash it, and the manifest in turn records the checksums of its files.
+is written last, so a killed stage never leaves something that looks finished. The artifact's fingerprint, which
+downstream cache keys hash, covers the checksums of its files and what produced them (see `fingerprint`).
 """
 from __future__ import annotations
 
@@ -72,8 +72,20 @@ def write_manifest(directory: Path, stage: str, manifest: dict[str, Any]) -> Art
     return load_artifact(directory, stage)
 
 
+CONTENT_KEYS = ("stage", "config", "upstream", "files")
+
+
+def fingerprint(manifest: dict[str, Any]) -> str:
+    """What downstream keys hash: the output files' checksums plus what produced them, not the manifest's timings,
+    so a stage that re-runs and writes the same bytes (deterministic stages, a resumed synthesize) invalidates
+    nothing downstream. A manifest without a `files` section is fingerprinted whole."""
+    content = {key: manifest[key] for key in CONTENT_KEYS if key in manifest} if "files" in manifest else manifest
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def load_artifact(directory: Path, stage: str) -> Artifact | None:
     manifest = Path(directory) / MANIFEST
     if not manifest.is_file():
         return None
-    return Artifact(stage=stage, path=Path(directory).resolve(), fingerprint=file_sha256(manifest))
+    data = json.loads(manifest.read_text(encoding="utf-8"))
+    return Artifact(stage=stage, path=Path(directory).resolve(), fingerprint=fingerprint(data))

@@ -120,7 +120,8 @@ def shard_splits(cfg: ShardConfig, splits: dict[str, list[str]], tokenizer_dir: 
         "shard: %d shards, %d train / %d val tokens, %.1f MB/s",
         len(shards), totals["train"]["tokens"], totals["val"]["tokens"], total_bytes / 1e6 / max(elapsed, 1e-9),
     )
-    return {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "shards": shards, "totals": totals}
+    files = {s["file"]: {"bytes": (out_dir / s["file"]).stat().st_size, "sha256": s["sha256"]} for s in shards}
+    return {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "shards": shards, "totals": totals, "files": files}
 
 
 def load_split(artifact: Artifact, split: str) -> np.ndarray:

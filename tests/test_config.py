@@ -59,3 +59,15 @@ def test_cache_key_ignores_unrelated_knobs_and_follows_upstream(tmp_path):
     assert TRAIN.key(base.train, {"shards": docs}) != TRAIN.key(changed.train, {"shards": docs})
     other_docs = Artifact("acquire", tmp_path, "b" * 64)
     assert TOKENIZER.key(base.tokenizer, {"documents": docs}) != TOKENIZER.key(base.tokenizer, {"documents": other_docs})
+
+
+def test_fingerprint_follows_file_contents_not_timings(tmp_path):
+    from tasks.artifacts import load_artifact, write_manifest
+
+    files = {"x.bin": {"bytes": 3, "sha256": "a" * 64}}
+    first = write_manifest(tmp_path / "a", "train", {"config": {"k": 1}, "files": files, "train_seconds": 1.0})
+    again = write_manifest(tmp_path / "b", "train", {"config": {"k": 1}, "files": files, "train_seconds": 9.0})
+    assert first.fingerprint == again.fingerprint
+    changed = write_manifest(tmp_path / "c", "train", {"config": {"k": 1}, "files": {"x.bin": {"bytes": 3, "sha256": "b" * 64}}})
+    assert changed.fingerprint != first.fingerprint
+    assert load_artifact(tmp_path / "a", "train") == first

@@ -67,10 +67,10 @@ KILL_SCRIPT = textwrap.dedent(
     from tests.test_train import tiny_train_config, corpus_tokens
     kill_at = int(sys.argv[2])
     original = T.learning_rate
-    def learning_rate(cfg, step):
+    def learning_rate(cfg, step, *rest):
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)  # a real kill, between two checkpoints
-        return original(cfg, step)
+        return original(cfg, step, *rest)
     T.learning_rate = learning_rate
     out = T.Path(sys.argv[1])
     summary, model = T.train(tiny_train_config(), corpus_tokens(), corpus_tokens(800), 64, out, logging.getLogger())
