@@ -38,7 +38,7 @@ def test_override_parses_yaml_values_and_extends_merges(tmp_path):
     child = tmp_path / "child.yaml"
     child.write_text("extends: quickstart\ntrain:\n  model:\n    n_layer: 2\n")
     cfg = load_config(child, ["train.learning_rate=3e-4", "evaluate.prompts=[a, b]"])
-    assert cfg.train.model.n_layer == 2 and cfg.train.model.n_embd == 128  # the rest comes from quickstart
+    assert cfg.train.model.n_layer == 2 and cfg.train.model.n_embd == 192  # the rest comes from quickstart
     assert cfg.train.learning_rate == 3e-4 and cfg.evaluate.prompts == ["a", "b"]
 
 
