@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
-from .layers import KVCache, lm_cross_entropy, sample_next_token
+from .layers import KVCache, lm_cross_entropy, padding_attention_mask, positions_from_mask, sample_next_token
 
 
 class CausalLM(nn.Module):
@@ -153,7 +153,22 @@ class CausalLM(nn.Module):
 
 
 class AttentionLM(CausalLM):
-    """The KV-cache side of generation, shared by the attention models (gpt, llama)."""
+    """What the attention models (gpt, llama) share: their attention FLOPs, positions and the KV-cache path."""
+
+    def _mixer_flops_per_token(self) -> int:
+        c = self.config
+        return 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
+
+    def _positions(self, idx, attention_mask=None, cache: KVCache | None = None):
+        """(positions, SDPA mask) for `idx`: with a padding mask, per-row positions over real tokens (B, T);
+        otherwise the positions after what the cache already holds (T,)."""
+        T = idx.size(1)
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} exceeds block_size={self.config.block_size}")
+        if attention_mask is not None:
+            return positions_from_mask(attention_mask), padding_attention_mask(attention_mask)
+        return torch.arange(start, start + T, device=idx.device), None
 
     def _new_cache(self, batch_size: int) -> KVCache:
         return KVCache(self.config.n_layer, self.config.block_size)

@@ -5,7 +5,6 @@ either learned, or the fixed sinusoidal table of the original Transformer, which
 parameter, so a sweep can compare the two at the same trainable size minus the table.
 """
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -14,8 +13,6 @@ from .config import ModelConfig
 from .layers import (
     KVCache,
     causal_attention,
-    padding_attention_mask,
-    positions_from_mask,
     sinusoidal_table,
 )
 
@@ -92,29 +89,16 @@ class GPT(AttentionLM):
             tables.append(self.wte.weight)
         return tables
 
-    def _mixer_flops_per_token(self) -> int:
-        c = self.config
-        return 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
-
     def _position_embedding(self, pos):
         if self.config.pos_encoding == "learned":
             return self.wpe(pos)
         return self.wpe_table[pos]
 
     def _hidden(self, idx, attention_mask=None, cache: KVCache | None = None):
-        B, T = idx.size()
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of length {start + T} exceeds block_size={self.config.block_size}")
-        attn_mask = None
-        if attention_mask is not None:
-            pos = positions_from_mask(attention_mask)
-            attn_mask = padding_attention_mask(attention_mask)
-        else:
-            pos = torch.arange(start, start + T, device=idx.device)
+        pos, attn_mask = self._positions(idx, attention_mask, cache)
         x = self.drop(self.wte(idx) + self._position_embedding(pos))
         for block in self.h:
             x = block(x, attn_mask, cache)
         if cache is not None:
-            cache.advance(T)
+            cache.advance(idx.size(1))
         return self.ln_f(x)

@@ -18,8 +18,6 @@ from .layers import (
     RMSNorm,
     apply_rope,
     causal_attention,
-    padding_attention_mask,
-    positions_from_mask,
     rope_tables,
 )
 
@@ -97,25 +95,12 @@ class Llama(AttentionLM):
     def _lookup_tables(self):
         return [] if self.config.tie_weights else [self.tok_embeddings.weight]
 
-    def _mixer_flops_per_token(self) -> int:
-        c = self.config
-        return 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
-
     def _hidden(self, idx, attention_mask=None, cache: KVCache | None = None):
-        B, T = idx.size()
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of length {start + T} exceeds block_size={self.config.block_size}")
-        attn_mask = None
-        if attention_mask is not None:
-            pos = positions_from_mask(attention_mask)  # (B, T): per-row positions over real tokens
-            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
-            attn_mask = padding_attention_mask(attention_mask)
-        else:
-            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        pos, attn_mask = self._positions(idx, attention_mask, cache)
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, D), or (B, T, D) per padded row
         x = self.drop(self.tok_embeddings(idx))
         for layer in self.layers:
             x = layer(x, cos, sin, attn_mask, cache)
         if cache is not None:
-            cache.advance(T)
+            cache.advance(idx.size(1))
         return self.norm(x)
