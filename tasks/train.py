@@ -313,10 +313,10 @@ def train(
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * world * mcfg.block_size
     started, done, last_loss, stopped_early = time.perf_counter(), start, math.nan, False
     logged_step, logged_at = start, started
+    elapsed = 0.0  # by rank 0's clock, read once per step (a broadcast under DDP) when a time budget is set
     model.train()
     try:
         for step in range(start, cfg.max_steps):
-            elapsed = _agreed_elapsed(started, world, device) if cfg.max_seconds else 0.0
             lr = learning_rate(cfg, step, elapsed)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -349,7 +349,9 @@ def train(
                 best_val, stale = (val, 0) if val < best_val else (best_val, stale + 1)
                 if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
                     stopped_early = True
-            out_of_time = cfg.max_seconds is not None and _agreed_elapsed(started, world, device) >= cfg.max_seconds
+            if cfg.max_seconds is not None:
+                elapsed = _agreed_elapsed(started, world, device)
+            out_of_time = cfg.max_seconds is not None and elapsed >= cfg.max_seconds
             stopped_early = stopped_early or out_of_time
             if leader:
                 _append_metrics(metrics_path, row)
