@@ -1,17 +1,21 @@
 """Benchmark: story generation tokens/s, single stream vs the batched llama.cpp backend, in one run.
 
-    python benchmarks/synthesize.py [--stories 32] [--max-tokens 96] [--parallel 16] [--threads N] [--rounds 2]
-                                    [--requantize q8_0|q4_0|f16|none] [--with-parallel-1]
+    python benchmarks/synthesize.py [--stories 3*parallel] [--single-stories 32] [--max-tokens 200] [--parallel 64]
+                                    [--threads N] [--requantize f32|q8_0|q4_0|f16|none] [--with-parallel-1]
 
-All sides write the same stories (same recipe prompts, same sampling settings, same thread count):
+The sides write stories from the same recipe prompts with the same sampling settings and thread count:
+- batched: `LlamaCppBackend` with `--parallel` stories decoded together, one `llama_decode` per step, over one job
+  of `--stories` stories, as the synthesize stage runs it (slots refill as stories end; the drain at the end, when
+  the last stories finish with nobody to take their slots, is counted);
 - single stream: `Llama.create_chat_completion` on the GGUF as shipped, one story after another (what one would
-  write without this backend; it too reuses the KV of the prompt prefix it shares with the previous story);
-- with --with-parallel-1, `LlamaCppBackend` with one sequence (separates the gain of its weight conversion and
-  prefix cache from the gain of batching);
-- batched: `LlamaCppBackend` with `--parallel` stories decoded together, one `llama_decode` per step.
-The machine is shared, so the sides alternate in rounds (a share of the stories each round) to see the same load.
-Each round gives the batched side twice `parallel` stories or more, so that its slots mostly stay full (a real n is
-much larger than `parallel`). The default run takes about 2 minutes on 2 cores.
+  write without this backend; it too reuses the KV of the prompt prefix it shares with the previous story), on
+  `--single-stories` of the same prompts, spread evenly over them (its rate does not depend on how many it writes);
+- with --with-parallel-1, `LlamaCppBackend` with one sequence on those same prompts (separates the gain of its
+  weight conversion and prefix cache from the gain of batching).
+The machine is shared, so the sides take turns and see the same load: the batched job is a generator that stands
+still between turns, and after each `parallel` stories it completes, the other sides catch up to the same share of
+their own stories. Only time spent inside a side counts for it. The defaults are the stage's (recipe, sampling,
+max_tokens, parallel, weights); the default run takes about 5 minutes on 2 cores.
 The last line is `speedup: <batched tokens/s / single-stream tokens/s>`.
 """
 from __future__ import annotations
@@ -28,7 +32,7 @@ from tasks.story_backends import LlamaCppBackend, StoryRequest, default_threads 
 from tasks.story_recipes import derive_seed, load_recipe, story_prompt  # noqa: E402
 
 
-def requests(cfg: SynthesizeConfig, indices: range) -> list[StoryRequest]:
+def requests(cfg: SynthesizeConfig, indices) -> list[StoryRequest]:
     recipe = load_recipe(cfg.recipe)
     out = []
     for i in indices:
@@ -56,17 +60,43 @@ def with_backend(backend: LlamaCppBackend, batch: list[StoryRequest]) -> int:
     return sum(c.tokens for c in backend.generate(lambda: queue.pop(0) if queue else None))
 
 
+class Side:
+    """A side's running totals: tokens, seconds spent inside it, stories done."""
+
+    def __init__(self, name: str, run=None, work: list[StoryRequest] | None = None):
+        self.name, self.run, self.work = name, run, work or []
+        self.tokens, self.seconds, self.done = 0, 0.0, 0
+
+    def catch_up(self, share: float) -> None:
+        """Write this side's stories up to `share` (0..1) of its own list."""
+        target = round(share * len(self.work))
+        if target > self.done:
+            started = time.perf_counter()
+            self.tokens += self.run(self.work[self.done:target])
+            self.seconds += time.perf_counter() - started
+            self.done = target
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds
+
+    def line(self) -> str:
+        return f"{self.name}: {self.rate:.1f} tokens/s ({self.tokens} tokens, {self.done} stories, {self.seconds:.1f} s)"
+
+
 def main() -> None:
+    defaults = SynthesizeConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stories", type=int, default=32, help="stories per side")
-    parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--parallel", type=int, default=SynthesizeConfig().parallel)
+    parser.add_argument("--stories", type=int, default=None, help="stories in the batched job (3 x parallel)")
+    parser.add_argument("--single-stories", type=int, default=32, help="stories written one at a time")
+    parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
+    parser.add_argument("--parallel", type=int, default=defaults.parallel)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: the backend's default)")
-    parser.add_argument("--rounds", type=int, default=2, help="alternations of the sides")
-    parser.add_argument("--requantize", default=SynthesizeConfig().requantize or "none",
-                        help="the backend's weight conversion (q8_0, q4_0, f16, none)")
+    parser.add_argument("--requantize", default=defaults.requantize or "none",
+                        help="the backend's weight conversion (f32, q8_0, q4_0, f16, none)")
     parser.add_argument("--with-parallel-1", action="store_true", help="also time the backend at parallel=1")
     args = parser.parse_args()
+    args.stories = args.stories or 3 * args.parallel
 
     import llama_cpp
 
@@ -77,40 +107,50 @@ def main() -> None:
     one = LlamaCppBackend(cfg.model_copy(update={"parallel": 1})) if args.with_parallel_1 else None
     llm = llama_cpp.Llama(model_path=str(batched.model_path), n_ctx=cfg.n_ctx, n_threads=threads,
                           n_threads_batch=threads, verbose=False)
-    print(f"{batched.model_path.name}, {threads} thread(s), {args.stories} stories of <= {args.max_tokens} tokens "
-          f"per side, backend weights {cfg.requantize or 'as shipped'}, parallel {args.parallel}")
+    print(f"{batched.model_path.name}, {threads} thread(s), stories of <= {args.max_tokens} tokens, backend weights "
+          f"{cfg.requantize or 'as shipped'}: batched job of {args.stories} stories at parallel {args.parallel}, "
+          f"{args.single_stories} of its prompts one at a time")
 
-    sides = {"single-stream": lambda chunk: single_stream(llm, cfg, chunk),
-             "backend parallel=1": (lambda chunk: with_backend(one, chunk)) if one else None,
-             f"batched parallel={args.parallel}": lambda chunk: with_backend(batched, chunk)}
-    sides = {name: run for name, run in sides.items() if run}
-    # one untimed story each, so that no side pays first-call costs inside the measurement
-    for run in sides.values():
-        run(requests(cfg.model_copy(update={"max_tokens": 8}), range(10_000, 10_001)))
+    # one untimed short story each, so that no side pays first-call costs inside the measurement
+    warm = requests(cfg.model_copy(update={"max_tokens": 8}), range(10_000, 10_001))
+    single_stream(llm, cfg, warm)
+    with_backend(batched, warm)
+    if one:
+        with_backend(one, warm)
 
     work = requests(cfg, range(args.stories))
-    per_round = -(-len(work) // args.rounds)
-    totals = {name: [0, 0.0] for name in sides}
-    for r in range(args.rounds):
-        chunk = work[r * per_round:(r + 1) * per_round]
-        for name, run in sides.items():
-            if not chunk:
-                continue
-            started = time.perf_counter()
-            tokens = run(chunk)
-            seconds = time.perf_counter() - started
-            totals[name][0] += tokens
-            totals[name][1] += seconds
-            print(f"round {r + 1} {name:20s} {tokens:5d} tokens in {seconds:6.1f} s = {tokens / seconds:6.1f} tokens/s")
+    step = max(1, args.stories // max(1, args.single_stories))
+    sample = work[::step][: args.single_stories]
+    others = [Side("single-stream", lambda chunk: single_stream(llm, cfg, chunk), sample)]
+    if one:
+        others.append(Side("backend parallel=1", lambda chunk: with_backend(one, chunk), sample))
+    job = Side(f"batched parallel={args.parallel}")
 
-    rates = {name: tokens / seconds for name, (tokens, seconds) in totals.items()}
-    for name, (tokens, seconds) in totals.items():
-        print(f"{name}: {rates[name]:.1f} tokens/s ({tokens} tokens in {seconds:.1f} s)")
+    queue = list(work)
+    stories = batched.generate(lambda: queue.pop(0) if queue else None)
+    checkpoint = args.parallel
+    while True:
+        started = time.perf_counter()
+        completion = next(stories, None)
+        job.seconds += time.perf_counter() - started
+        if completion is not None:
+            job.tokens += completion.tokens
+            job.done += 1
+        if completion is None:
+            break
+        if job.done >= checkpoint or job.done == args.stories:  # the other sides catch up to the same share
+            checkpoint += args.parallel
+            for side in others:
+                side.catch_up(job.done / args.stories)
+            print(" | ".join(f"{s.name} {s.done} stories {s.rate:6.1f} tok/s" for s in [job, *others]), flush=True)
+
+    for side in [job, *others]:
+        print(side.line())
     llm.close()
     batched.close()
     if one:
         one.close()
-    print(f"speedup: {rates[f'batched parallel={args.parallel}'] / rates['single-stream']:.2f}")
+    print(f"speedup: {job.rate / others[0].rate:.2f}")
 
 
 if __name__ == "__main__":

@@ -11,17 +11,20 @@ numpy with one generator per story seeded from (seed, index, attempt), so a stor
 which stories shared its batch. (Logits can still differ in the last bits with the batch's shape, so texts are
 reproducible for a given `parallel`, not across values of it.)
 
-The non-obvious decisions, all measured on the 2-core machine this was written on (benchmarks/synthesize.py):
-- Batching pays less on a CPU than on a GPU: a core spends ~10 ms of arithmetic per token even in a batch, against
-  ~19 ms for a lone token, so a batch does not amortize much. End to end, against `create_chat_completion` one story
-  at a time with the same thread count (idle machine, 2 threads): 1.8x the tokens/s at parallel=8, 2.1x at 16, 2.0x
-  at 32. Prompt processing is
-  the other half of the bill: a prompt is ~95 tokens for a ~150-token story.
-- So prompts are made cheap twice over. The KV cells of the prefix that prompts share (chat header, system message,
-  the template's fixed opening: ~40 tokens) are computed once per system message and copied into each new sequence
-  (`llama_memory_seq_cp`), which gives bit-identical logits. And the weights are re-quantized at load from Q4_1, for
-  which x86 has no batched matrix kernel, to Q8_0, which processes prompts ~2x faster and holds Q4_1 values almost
-  exactly (perplexity 13.82 vs 13.89 on our stories; Q4_0 would be faster still but costs +29% perplexity).
+The non-obvious decisions, all measured on the 2-core machine this was written on (benchmarks/synthesize.py, against
+`create_chat_completion` writing one story at a time on the GGUF as shipped, same threads):
+- Batching pays less on a CPU than on a GPU (a step is compute-bound, not bound by reading the weights), so the
+  batch is wide: 64 stories by default. The weights are converted at load from Q4_1, for which x86 has no batched
+  matrix kernel, to f32, which holds them exactly and whose AVX-512 kernels beat Q8_0's once 32 or more stories share
+  a step (`SynthesizeConfig.requantize`).
+- Every step must be ONE pass over the weights. With a KV stream per sequence llama.cpp splits a batch into one
+  ubatch per run of consecutive sequence ids, so the busy slots are kept contiguous (`_compact`), and flash attention
+  is off (its CPU kernel made a step ~19% slower).
+- Prompts are made cheap: the KV cells of the prefix that prompts share (chat header, system message, the template's
+  fixed opening: ~50 tokens of ~90) are computed once per system message and copied into each new sequence
+  (`llama_memory_seq_cp`), which gives bit-identical logits, and the recipes put what varies at the end.
+- Sampling ranks only the candidates that can make the top k (`top_superset`): ranking the whole 49k vocabulary for
+  64 stories cost ~5% of a step.
 - Threads default to every core (`default_threads`); see there when to lower them.
 
 Both backends pull work through `next_request()` instead of taking a list: the caller may queue a retry for a
@@ -125,6 +128,25 @@ def gguf_model_name(cfg: "SynthesizeConfig") -> str:
     return path.name + (f"@{cfg.requantize}" if cfg.requantize else "")
 
 
+def top_superset(values: np.ndarray, m: int, groups: int = 16) -> np.ndarray:
+    """Indices of a set of entries that holds the `m` largest, about m * groups of them, found without ranking all.
+
+    Split the entries into strided groups (entry j is in group j mod n/groups) and take each group's maximum: at
+    least m entries reach the m-th largest group maximum, so the m largest entries all lie in the groups whose
+    maximum reaches it. Ranking the group maxima, then those few groups, is several times faster than a partition
+    of a 49k-entry row.
+    """
+    width = len(values) // groups
+    if width <= m:
+        return np.arange(len(values))
+    whole = width * groups
+    maxima = values[:whole].reshape(groups, width).max(axis=0)
+    threshold = np.partition(maxima, -m)[-m]
+    columns = np.flatnonzero(maxima >= threshold)
+    picked = (columns[None, :] + np.arange(0, whole, width)[:, None]).ravel()
+    return np.concatenate([picked, np.arange(whole, len(values))]) if whole < len(values) else picked
+
+
 def sample_token(
     logits: np.ndarray,
     recent: list[int],
@@ -135,21 +157,34 @@ def sample_token(
     top_p: float,
     repeat_penalty: float,
 ) -> int:
-    """Repeat penalty (llama.cpp's rule), then temperature, top-k and top-p; one uniform draw from `rng`."""
-    if repeat_penalty != 1.0 and recent:
-        logits = logits.copy()
-        seen = np.unique(np.asarray(recent, dtype=np.intp))
-        values = logits[seen]
-        logits[seen] = np.where(values > 0, values / repeat_penalty, values * repeat_penalty)
+    """Repeat penalty (llama.cpp's rule), then temperature, top-k and top-p; one uniform draw from `rng`.
+
+    The penalty only ever lowers the logits of tokens seen in `recent`, so the k best tokens after it are among the
+    k + len(seen) best before it and the seen ones: only that pool is penalized and ranked (a step samples every
+    story in flight, and ranking the whole vocabulary took most of the time).
+    """
+    vocab = logits.shape[0]
+    seen = (
+        np.unique(np.asarray(recent, dtype=np.intp)) if repeat_penalty != 1.0 and recent else np.empty(0, np.intp)
+    )
+    k = 1 if temperature <= 0.0 else (top_k if 0 < top_k < vocab else vocab)
+    pool = top_superset(logits, k + len(seen)) if k < vocab else np.arange(vocab)
+    values = logits[pool].astype(np.float64)
+    if len(seen):
+        is_seen = np.zeros(vocab, dtype=bool)
+        is_seen[seen] = True
+        values[is_seen[pool]] = -np.inf  # the seen ones come back below, penalized
+        penalized = logits[seen].astype(np.float64)
+        penalized = np.where(penalized > 0, penalized / repeat_penalty, penalized * repeat_penalty)
+        pool, values = np.concatenate([pool, seen]), np.concatenate([values, penalized])
     if temperature <= 0.0:
-        return int(np.argmax(logits))
-    if 0 < top_k < logits.shape[0]:
-        candidates = np.argpartition(logits, -top_k)[-top_k:]
-    else:
-        candidates = np.arange(logits.shape[0])
-    scaled = logits[candidates].astype(np.float64) / temperature
+        return int(pool[np.argmax(values)])
+    if k < len(pool):
+        best = np.argpartition(values, -k)[-k:]
+        pool, values = pool[best], values[best]
+    scaled = values / temperature
     order = np.argsort(-scaled, kind="stable")
-    candidates, scaled = candidates[order], scaled[order]
+    candidates, scaled = pool[order], scaled[order]
     probs = np.exp(scaled - scaled[0])
     probs /= probs.sum()
     cumulative = np.cumsum(probs)
@@ -199,7 +234,7 @@ def requantize_gguf(source: Path, target_type: str, directory: str | None = None
     import llama_cpp
 
     ftypes = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
-              "f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16}
+              "f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16, "f32": llama_cpp.LLAMA_FTYPE_ALL_F32}
     fd, name = tempfile.mkstemp(prefix=f"{source.stem}.", suffix=f".{target_type}.gguf", dir=directory)
     os.close(fd)
     params = llama_cpp.llama_model_quantize_default_params()
@@ -272,6 +307,9 @@ class LlamaCppBackend:
         params.n_threads = threads
         params.n_threads_batch = threads
         params.kv_unified = False
+        # Flash attention off: its CPU kernel made the whole batched step ~19% slower here (16 stories in flight,
+        # 64 per run: 140 tokens/s with it on, 167 off, alternating in one process; benchmarks/synthesize.py).
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(self.llm.model, params)
         if not self._ctx:
@@ -285,6 +323,7 @@ class LlamaCppBackend:
         self._prefixes: dict[str | None, _Prefix] = {}
         self._clock = 0
         self.prefix_tokens_reused = 0
+        self.slot_moves = 0  # stories moved down into a free slot (_compact)
 
     def chat_tokens(self, system: str | None, prompt: str) -> list[int]:
         """The prompt in the model's own chat template (what create_chat_completion would feed it), tokenized."""
@@ -378,6 +417,7 @@ class LlamaCppBackend:
                         slots[seq_id] = self._start(seq_id, request)
                 if all(seq is None for seq in slots):
                     return
+                self._compact(slots)
                 self._fill_batch(slots)
                 status = lib.llama_decode(self._ctx, self._batch)
                 if status != 0:
@@ -409,6 +449,26 @@ class LlamaCppBackend:
         finally:
             for seq_id in range(self.parallel):  # the cached prefixes stay for the next call
                 lib.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+
+    def _compact(self, slots: list[_Sequence | None]) -> None:
+        """Move stories down into free slots until the busy slots are 0..k-1, with no gap.
+
+        With one KV stream per sequence, llama.cpp splits a batch into one ubatch per run of consecutive sequence ids
+        (`split_equal` with sequential ids), and every ubatch is a pass over all the weights: 13 stories in slots with
+        3 gaps took 90 ms a step here, 16 stories in slots 0..15 62 ms. Gaps appear when stories end and no request
+        is left to take their slots (the last ~max_tokens steps of a run). A move copies the stream's cells
+        (`llama_memory_seq_cp` across streams copies the buffer, a few MB) and frees the old one.
+        """
+        lib = self._lib
+        while True:
+            free = next((i for i, seq in enumerate(slots) if seq is None), None)
+            busy = next((i for i in range(len(slots) - 1, -1, -1) if slots[i] is not None), None)
+            if free is None or busy is None or busy < free:
+                return
+            lib.llama_memory_seq_cp(self._memory, busy, free, -1, -1)
+            lib.llama_memory_seq_rm(self._memory, busy, -1, -1)
+            slots[free], slots[busy] = slots[busy], None
+            self.slot_moves += 1
 
     def _completion(self, seq: _Sequence, truncated: bool) -> Completion:
         text = self.llm.detokenize(seq.generated).decode("utf-8", errors="replace")

@@ -226,7 +226,8 @@ def synthesize(cfg: SynthesizeConfig, out_dir: Path, log: logging.Logger | None 
                             seed=derive_seed("sample", cfg.seed, index, attempt))
 
     started = time.monotonic()
-    backend = open_backend(cfg)
+    # no more slots than stories to write: each llama.cpp slot holds n_ctx cells of KV cache, allocated up front
+    backend = open_backend(cfg.model_copy(update={"parallel": min(cfg.parallel, len(todo))}))
     log.info("synthesize: %s backend ready with %s in %.1f s", backend.name, backend.model, time.monotonic() - started)
     slots_total, slots_done, last_log = len(todo), 0, time.monotonic()
     started = time.monotonic()

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from pipeline_config.synthesize import QualityConfig, SynthesizeConfig
-from tasks.story_backends import LlamaCppBackend, StoryRequest, sample_token
+from tasks.story_backends import LlamaCppBackend, StoryRequest, sample_token, top_superset
 from tasks.story_quality import detect_language, words
 from tasks.story_recipes import load_recipe, story_prompt
 from tasks.synthesize import REJECTED, STORIES, SynthesizeError, synthesize
@@ -49,7 +49,7 @@ def closed_port() -> int:
 # --- embedded llama.cpp -------------------------------------------------------------------------------------------
 
 
-MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf@q8_0"  # the packaged GGUF, its weights converted to Q8_0 at load
+MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf@f32"  # the packaged GGUF, its weights converted to f32 at load
 
 
 def test_llamacpp_writes_stories_with_the_packaged_model(tmp_path):
@@ -61,7 +61,7 @@ def test_llamacpp_writes_stories_with_the_packaged_model(tmp_path):
     for story in stories:
         assert story["text"].strip() and story["backend"] == "llamacpp" and story["model"] == MODEL
         assert story["language"] == "en" and set(story["words"]) == {"verb", "noun", "adjective"}
-        assert 0 < story["tokens"] <= 32 and story["prompt"].startswith("Write a short story")
+        assert 0 < story["tokens"] <= 32 and story["prompt"].startswith("Write a story for a ")
     assert summary["model"] == MODEL and summary["tokens_generated"] > 0 and summary["tokens_per_s"] > 0
     assert summary["files"][STORIES]["records"] == 2 and summary["stories_path"] == str(tmp_path / STORIES)
     assert json.loads((tmp_path / "synthesis.json").read_text())["recipe"]["name"] == "tinystories"
@@ -87,6 +87,30 @@ def test_cached_prompt_prefix_gives_the_same_story_as_the_whole_prompt():
         backend.close()
 
 
+def test_a_story_moved_to_a_lower_slot_continues_unchanged():
+    """Busy slots are kept contiguous (llama.cpp runs one ubatch per run of consecutive sequence ids): a story moved
+    into a free slot carries its KV cells along, so greedy decoding writes the same text as without the move."""
+    backend = LlamaCppBackend(SynthesizeConfig(n=2, parallel=3, max_tokens=16, temperature=0.0))
+    recipe = load_recipe("tinystories")
+    requests = []
+    for index in (3, 4):
+        p = story_prompt(recipe, 0, index, ["en"])
+        requests.append(StoryRequest(index=index, attempt=0, prompt=p.prompt, system=p.system, seed=1))
+
+    def run(answers: list) -> dict[int, str]:
+        return {c.request.index: c.text for c in backend.generate(lambda: answers.pop(0) if answers else None)}
+
+    try:
+        in_place = run(list(requests))  # slots 0 and 1: nothing to move
+        assert backend.slot_moves == 0
+        # slot 0 gets nothing, slots 1 and 2 get the stories: the one in slot 2 is moved down to slot 0
+        moved = run([None, *requests])
+        assert backend.slot_moves == 1
+        assert moved == in_place and all(text.strip() for text in moved.values())
+    finally:
+        backend.close()
+
+
 def test_sampling_is_deterministic_per_seed_and_respects_top_k():
     logits = np.random.default_rng(0).normal(size=1000).astype(np.float32)
     kwargs = dict(temperature=0.8, top_k=5, top_p=0.95, repeat_penalty=1.3)
@@ -101,6 +125,37 @@ def test_sampling_is_deterministic_per_seed_and_respects_top_k():
     # the repeat penalty pushes a recently used best token below the runner-up
     best = int(np.argmax(logits))
     assert sample_token(logits, [best], rng, temperature=0.0, top_k=0, top_p=1.0, repeat_penalty=100.0) != best
+
+
+def reference_sample(logits, recent, rng, *, temperature, top_k, top_p, repeat_penalty) -> int:
+    """The sampler written plainly over the whole vocabulary (penalty, temperature, top-k, top-p, one draw)."""
+    logits = logits.astype(np.float64)
+    if recent:
+        seen = np.unique(recent)
+        logits[seen] = np.where(logits[seen] > 0, logits[seen] / repeat_penalty, logits[seen] * repeat_penalty)
+    if temperature <= 0.0:
+        return int(np.argmax(logits))
+    order = np.argsort(-logits, kind="stable")[: top_k or None]
+    probs = np.exp((logits[order] - logits[order[0]]) / temperature)
+    cumulative = np.cumsum(probs / probs.sum())
+    keep = min(int(np.searchsorted(cumulative, top_p)) + 1, len(order))
+    cumulative = cumulative[:keep] / cumulative[keep - 1]
+    return int(order[min(int(np.searchsorted(cumulative, rng.random(), side="right")), keep - 1)])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_sampling_from_a_pool_of_candidates_matches_sampling_from_the_whole_vocabulary(temperature):
+    """sample_token ranks only the candidates that can make the top k after the repeat penalty (top_superset)."""
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        logits = (rng.normal(size=49_152) * 3).astype(np.float32)
+        recent = rng.integers(0, 49_152, 64).tolist() + np.argsort(-logits)[: trial % 6].tolist()  # some of the best
+        kwargs = dict(temperature=temperature, top_k=[50, 5, 0][trial % 3], top_p=0.95, repeat_penalty=1.3)
+        assert sample_token(logits, recent, np.random.default_rng(trial), **kwargs) == reference_sample(
+            logits, recent, np.random.default_rng(trial), **kwargs
+        )
+    values = rng.normal(size=1001)  # not a multiple of the group count: the tail is always a candidate
+    assert set(np.argsort(-values)[:20].tolist()) <= set(top_superset(values, 20).tolist())
 
 
 # --- Ollama, against the protocol double --------------------------------------------------------------------------
@@ -284,3 +339,10 @@ def test_config_rejects_unknown_keys_and_bad_recipes(tmp_path):
                    "adjectives: [c]}\n")
     with pytest.raises(SynthesizeError, match="unknown template fields"):
         load_recipe(str(bad))
+
+
+def test_parallel_defaults_to_each_backends_own():
+    """64 stories share a llama.cpp batch; an Ollama server gets 4 requests at a time unless told otherwise."""
+    assert SynthesizeConfig().parallel == 64 and SynthesizeConfig(backend="ollama").parallel == 4
+    assert SynthesizeConfig(backend="ollama", parallel=8).parallel == 8
+    assert SynthesizeConfig.model_validate({"backend": "ollama"}).model_dump()["parallel"] == 4
