@@ -26,8 +26,13 @@ class SourceConfig(Section):
     path: str | None = Field(None, description="local file, directory or glob (kind=local)")
     url: str | None = Field(None, description="HTTP(S) address of a .jsonl/.txt file, optionally .gz (kind=http)")
     sha256: str | None = Field(None, description="expected checksum of the downloaded file (kind=http)")
-    dataset: str | None = Field(None, description="Hugging Face hub dataset id (kind=hf; needs the internet)")
-    split: str = "train"
+    dataset: str | None = Field(None, description="Hugging Face hub dataset id, e.g. roneneldan/TinyStories (kind=hf; "
+                                "needs the internet)")
+    split: str = Field("train", description="kind=hf: take the .parquet/.jsonl files with this in their name")
+    revision: str = Field("main", description="kind=hf: branch, tag or commit of the dataset repository")
+    endpoint: str = Field("https://huggingface.co", description="kind=hf: the hub, or a mirror of its HTTP API")
+    token_env: str = Field("HF_TOKEN", description="kind=hf: environment variable holding a token for gated or "
+                           "private datasets (sent to the hub only, never written anywhere)")
     text_field: str = Field("text", description="field holding the text in JSONL / hub rows")
     language: str = Field("en", description="ISO 639-1 code, used by the per-language fertility report")
 

@@ -18,6 +18,7 @@ import logging
 import os
 import unicodedata
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -81,14 +82,20 @@ def read_documents(path: Path, text_field: str) -> Iterator[str]:
             yield str(record[text_field])
 
 
-def download(url: str, dest: Path, sha256: str | None, log: logging.Logger, timeout: float = 60) -> Path:
-    """Fetch `url` to `dest`, resuming a partial `.part` file, and verify the checksum when one is given."""
+def download(
+    url: str, dest: Path, sha256: str | None, log: logging.Logger, timeout: float = 60, token: str | None = None
+) -> Path:
+    """Fetch `url` to `dest`, resuming a partial `.part` file, and verify the checksum when one is given.
+
+    `token` goes as a bearer token to `url` only, not to where it redirects (the hub sends files to a CDN)."""
     if dest.is_file() and (sha256 is None or file_sha256(dest) == sha256):
         return dest
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
     offset = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    if token:
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             resumed = offset and response.status == 206
@@ -129,26 +136,76 @@ def _source_files(source: SourceConfig, out_dir: Path, log: logging.Logger) -> l
         name = source.url.rstrip("/").rsplit("/", 1)[-1] or "download"
         digest = hashlib.sha256(source.url.encode()).hexdigest()[:12]
         return [download(source.url, out_dir / "downloads" / digest / name, source.sha256, log)]
-    return _hub_files(source, out_dir)
+    return _hub_files(source, out_dir, log)
 
 
-def _hub_files(source: SourceConfig, out_dir: Path) -> list[Path]:
-    """Parquet/JSONL files of a hub dataset split, through huggingface_hub (needs the internet)."""
-    try:
-        from huggingface_hub import HfApi, hf_hub_download
-    except ImportError:
-        raise AcquireError("kind 'hf' needs the huggingface_hub package: pip install huggingface_hub") from None
-    try:
-        files = [
-            f for f in HfApi().list_repo_files(source.dataset, repo_type="dataset")
-            if source.split in Path(f).name and f.endswith((".parquet", ".jsonl", ".jsonl.gz"))
-        ]
-        return [
-            Path(hf_hub_download(source.dataset, f, repo_type="dataset", cache_dir=out_dir / "downloads"))
-            for f in files
-        ]
-    except Exception as exc:  # the hub client raises many types; the user needs the dataset name and the cause
-        raise AcquireError(f"hub dataset '{source.dataset}' could not be fetched: {exc}") from None
+HUB_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz")
+
+
+def _hub_files(source: SourceConfig, out_dir: Path, log: logging.Logger) -> list[Path]:
+    """The Parquet/JSONL files of a hub dataset split, over the hub's HTTP API (what huggingface_hub calls too).
+
+    The recursive tree listing (`/api/datasets/{id}/tree/{revision}`, paginated by `Link: <...>; rel="next"`) names
+    the files and gives each LFS file's sha256; every file then comes through `download` from
+    `/datasets/{id}/resolve/{revision}/{path}`, so it resumes after a cut and is checked against that checksum.
+    """
+    base = source.endpoint.rstrip("/")
+    token = os.environ.get(source.token_env) or None
+    revision = urllib.parse.quote(source.revision, safe="")
+    url: str | None = f"{base}/api/datasets/{source.dataset}/tree/{revision}?recursive=true"
+    entries: list[dict[str, Any]] = []
+    while url:
+        request = urllib.request.Request(url)
+        if token:
+            request.add_unredirected_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                entries += json.load(response)
+                url = _next_page(response.headers.get("Link"))
+        except urllib.error.HTTPError as exc:
+            hint = (f"check acquire.sources[].dataset and .revision; a gated or private dataset needs a token in "
+                    f"${source.token_env}") if exc.code in (401, 403, 404) else "a re-run tries again"
+            raise AcquireError(
+                f"hub dataset '{source.dataset}' (revision {source.revision}) at {base}: HTTP {exc.code} {exc.reason}; "
+                f"{hint}"
+            ) from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            raise AcquireError(
+                f"cannot reach the hub at {base} for dataset '{source.dataset}' ({exc}): kind 'hf' needs the internet, "
+                f"or set acquire.sources[].endpoint to a mirror"
+            ) from None
+    files = [e for e in entries if e.get("type") == "file"]
+    wanted = sorted(
+        (e for e in files if source.split in Path(e["path"]).name and e["path"].endswith(HUB_SUFFIXES)),
+        key=lambda e: e["path"],
+    )
+    if not wanted:
+        raise AcquireError(
+            f"hub dataset '{source.dataset}' has no {'/'.join(HUB_SUFFIXES)} file with '{source.split}' in its name "
+            f"(it has {sorted(e['path'] for e in files)[:10]}): set acquire.sources[].split"
+        )
+    paths = []
+    for entry in wanted:
+        path = entry["path"]
+        dest = out_dir / "downloads" / "hf" / source.dataset / source.revision / path
+        paths.append(download(
+            f"{base}/datasets/{source.dataset}/resolve/{revision}/{urllib.parse.quote(path)}",
+            dest,
+            (entry.get("lfs") or {}).get("oid"),  # the sha256 of an LFS file's content; small files have none
+            log,
+            token=token,
+        ))
+        log.info("acquire: %s/%s (%d bytes)", source.dataset, path, dest.stat().st_size)
+    return paths
+
+
+def _next_page(link: str | None) -> str | None:
+    """The `rel="next"` address of an RFC 8288 Link header, as the hub paginates its listings."""
+    for part in (link or "").split(","):
+        address, _, params = part.partition(";")
+        if 'rel="next"' in params.replace(" ", ""):
+            return address.strip().strip("<>")
+    return None
 
 
 def _documents_from(path: Path, source: SourceConfig) -> Iterator[str]:

@@ -5,6 +5,7 @@ import hashlib
 import http.server
 import json
 import logging
+import socket
 import threading
 from pathlib import Path
 
@@ -96,6 +97,59 @@ def test_download_resumes_with_a_range_request_and_checks_the_checksum(tmp_path)
             download(url, tmp_path / "other.jsonl", "0" * 64, LOG, timeout=5)
     finally:
         server.shutdown()
+
+
+def _parquet_bytes(texts: list[str]) -> bytes:
+    import io
+
+    import pyarrow as pa
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"text": texts, "id": list(range(len(texts)))}), buffer)
+    return buffer.getvalue()
+
+
+def test_hub_dataset_split_is_listed_downloaded_and_checked(tmp_path, monkeypatch):
+    """Against HubDouble, a loopback server speaking the hub's tree and resolve endpoints (no internet here): the
+    split's files are found across listing pages, LFS files follow the redirect and are checked against their
+    sha256, and the token goes to the hub but not to the CDN it redirects to."""
+    from tests.hub_double import HubDouble
+
+    files = {
+        "data/train-00000-of-00002.parquet": _parquet_bytes([f"parquet story {i}" for i in range(3)]),
+        "data/train-00001-of-00002.jsonl": b"".join(json.dumps({"text": f"json story {i}"}).encode() + b"\n"
+                                                    for i in range(2)),
+        "data/validation-00000-of-00001.parquet": _parquet_bytes(["held out"]),
+    }
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    with HubDouble("org/tiny", files, lfs={"data/train-00000-of-00002.parquet"}) as hub:
+        source = SourceConfig(kind="hf", dataset="org/tiny", endpoint=hub.url)
+        summary = acquire(AcquireConfig(sources=[source]), tmp_path, LOG)
+        texts = pq.read_table(tmp_path / "documents.parquet").column("text").to_pylist()
+        assert texts == [f"parquet story {i}" for i in range(3)] + [f"json story {i}" for i in range(2)]
+        assert summary["documents"] == 5
+        assert sum(1 for path, _ in hub.requests if "/tree/" in path) == 4  # README + 3 files, one per page
+        auth = dict(hub.requests)
+        assert auth["/datasets/org/tiny/resolve/main/data/train-00000-of-00002.parquet"]
+        assert auth["/cdn/data/train-00000-of-00002.parquet"] is False
+
+        hub.corrupt.add("data/validation-00000-of-00001.parquet")
+        hub.lfs.add("data/validation-00000-of-00001.parquet")
+        with pytest.raises(AcquireError, match="checksum mismatch"):
+            acquire(AcquireConfig(sources=[source.model_copy(update={"split": "validation"})]), tmp_path / "v", LOG)
+        with pytest.raises(AcquireError, match="no .parquet/.jsonl/.jsonl.gz file with 'test'.*split"):
+            acquire(AcquireConfig(sources=[source.model_copy(update={"split": "test"})]), tmp_path / "t", LOG)
+        with pytest.raises(AcquireError, match="'org/missing'.*HTTP 404.*HF_TOKEN"):
+            acquire(AcquireConfig(sources=[source.model_copy(update={"dataset": "org/missing"})]), tmp_path / "m", LOG)
+
+
+def test_unreachable_hub_names_the_endpoint(tmp_path):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    source = SourceConfig(kind="hf", dataset="org/tiny", endpoint=endpoint)
+    with pytest.raises(AcquireError, match=f"cannot reach the hub at {endpoint}.*endpoint"):
+        acquire(AcquireConfig(sources=[source]), tmp_path, LOG)
 
 
 def _records(small_corpus: Path) -> list[dict[str, str]]:
