@@ -15,7 +15,7 @@ The sides write stories from the same recipe prompts with the same sampling sett
 The machine is shared, so the sides take turns and see the same load: the batched job is a generator that stands
 still between turns, and after each `parallel` stories it completes, the other sides catch up to the same share of
 their own stories. Only time spent inside a side counts for it. The defaults are the stage's (recipe, sampling,
-max_tokens, parallel, weights); the default run takes about 5 minutes on 2 cores.
+max_tokens, parallel, weights); the default run takes about 4 minutes on 2 cores.
 The last line is `speedup: <batched tokens/s / single-stream tokens/s>`.
 """
 from __future__ import annotations
