@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -172,5 +174,31 @@ def _requirements() -> list[str]:
     return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "sentencepiece", "safetensors", "numpy", "pandas", "mlflow")]
 
 
-STAGE = Stage(name="register", run=register, code=("tasks/register.py", "model/serving.py"))
+def still_registered(artifact: Artifact) -> bool:
+    """Whether the model version this artifact registered is still in its tracking store, from that run.
+
+    A deleted or replaced MLflow database must not leave `register` cached on a version that no longer exists. The
+    local SQLite store is read directly (a cached run then needs no MLflow import); other stores are trusted.
+    """
+    manifest = artifact.manifest
+    uri = str(manifest.get("tracking_uri", ""))
+    if not uri.startswith("sqlite:///"):
+        return True
+    database = Path(uri.removeprefix("sqlite:///"))
+    if not database.is_file():
+        return False
+    try:
+        with closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True)) as connection:
+            row = connection.execute(
+                "SELECT 1 FROM model_versions WHERE name = ? AND version = ? AND run_id = ?",
+                (manifest["model_name"], int(manifest["version"]), manifest["run_id"]),
+            ).fetchone()
+    except (sqlite3.Error, KeyError, ValueError):
+        return False
+    return row is not None
+
+
+STAGE = Stage(
+    name="register", run=register, code=("tasks/register.py", "model/serving.py"), intact=still_registered
+)
 register_task = prefect_task(STAGE)

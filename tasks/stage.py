@@ -57,6 +57,9 @@ class Stage:
     # code must not strand hours of generated stories in a directory nobody reads again.
     code_in_workdir: bool = True
     external: Callable[[Any], Any] | None = None
+    # Whether what a finished artifact made outside its directory still exists (register: its version in the MLflow
+    # store). When it does not, the artifact counts as missing and the stage runs again.
+    intact: Callable[[Artifact], bool] | None = None
     retries: int = 0
     retry_delay_seconds: float = 0
 
@@ -81,6 +84,13 @@ class Stage:
         identity = self._identity(cfg, upstream, self.workdir_ignores, code=self.code_in_workdir)
         return Path(root).resolve() / self.name / identity[:16]
 
+    def finished(self, out_dir: Path) -> Artifact | None:
+        """The artifact in `out_dir` if it is complete and intact, else None."""
+        artifact = load_artifact(out_dir, self.name)
+        if artifact is not None and self.intact is not None and not self.intact(artifact):
+            return None
+        return artifact
+
     @staticmethod
     def key_upstream(upstream: Mapping[str, Artifact | None]) -> dict[str, str | None]:
         return {name: art.fingerprint if art else None for name, art in sorted(upstream.items())}
@@ -96,7 +106,7 @@ class Stage:
         log = log or logging.getLogger(f"scriptorium.{self.name}")
         out_dir = self.workdir(root, cfg, upstream)
         key = self.key(cfg, upstream)
-        existing = load_artifact(out_dir, self.name)
+        existing = self.finished(out_dir)
         if existing is not None and existing.manifest.get("cache_key") == key:
             log.info("%s: output already complete in %s", self.name, out_dir)
             return existing
@@ -127,8 +137,9 @@ def prefect_task(stage: Stage):
     def cache_key(_context: Any, parameters: dict[str, Any]) -> str:
         cfg, upstream, root = parameters["cfg"], parameters["upstream"], parameters["root"]
         key = stage.key(cfg, upstream)
-        # Someone deleted the artifact by hand: drop the cache record too, or Prefect would hand back a dead path.
-        if load_artifact(stage.workdir(root, cfg, upstream), stage.name) is None:
+        # Someone deleted the artifact (or what it made elsewhere) by hand: drop the cache record too, or Prefect
+        # would hand back a dead path.
+        if stage.finished(stage.workdir(root, cfg, upstream)) is None:
             (results_dir(root) / key).unlink(missing_ok=True)
         return key
 

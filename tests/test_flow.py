@@ -82,3 +82,24 @@ def test_deleted_artifact_is_rebuilt_not_served_from_a_stale_cache(build_model, 
     # the rebuilt shards are identical, so everything downstream is still served from cache
     assert again["stages"]["train"] == "Cached"
     assert any(Path(tmp_path / "artifacts" / "shard").rglob("manifest.json"))
+
+
+def test_deleted_mlflow_store_is_registered_again(build_model, tmp_path, small_corpus):
+    """After the MLflow database is deleted, the next run (a new process, as `make run` or a deployment run is)
+    registers the model again instead of serving `register` from a cache that points at a version that is gone."""
+    import os
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    overrides = tiny_overrides(tmp_path / "artifacts", small_corpus)
+    build_model(preset="quickstart", overrides=overrides)
+    (tmp_path / "artifacts" / "mlflow" / "mlflow.db").unlink()
+    command = [sys.executable, "-m", "flows", "--preset", "quickstart"] + [x for o in overrides for x in ("--set", o)]
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=Path(__file__).parent.parent)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "evaluate Cached, register Completed" in again.stdout
+    assert "version 1" in again.stdout and (tmp_path / "artifacts" / "mlflow" / "mlflow.db").is_file()
+    assert build_model(preset="quickstart", overrides=overrides)["stages"]["register"] == "Cached"
