@@ -168,7 +168,7 @@ def sample_token(
         np.unique(np.asarray(recent, dtype=np.intp)) if repeat_penalty != 1.0 and recent else np.empty(0, np.intp)
     )
     k = 1 if temperature <= 0.0 else (top_k if 0 < top_k < vocab else vocab)
-    pool = top_superset(logits, k + len(seen)) if k < vocab else np.arange(vocab)
+    pool = top_superset(logits, k + len(seen))  # every index when k is the whole vocabulary
     values = logits[pool].astype(np.float64)
     if len(seen):
         is_seen = np.zeros(vocab, dtype=bool)
