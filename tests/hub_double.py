@@ -12,25 +12,21 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
-import threading
 import urllib.parse
 
+from tests.loopback import LoopbackServer, send_range
 
-class HubDouble:
+
+class HubDouble(LoopbackServer):
     def __init__(self, dataset: str, files: dict[str, bytes], lfs: set[str], revision: str = "main"):
         self.dataset, self.files, self.lfs, self.revision = dataset, files, lfs, revision
         self.corrupt: set[str] = set()  # files served with a flipped byte, to fail their checksum
         self.requests: list[tuple[str, bool]] = []  # (path, carried Authorization)
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        super().__init__(self._handler(), name="hub-double")
 
-    def __enter__(self) -> "HubDouble":
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def served(self, path: str) -> bytes:
+        body = self.files[path]
+        return bytes([body[0] ^ 1]) + body[1:] if path in self.corrupt else body
 
     def _entry(self, path: str) -> dict:
         body = self.files[path]
@@ -64,19 +60,11 @@ class HubDouble:
                         return self._send(404, b"Entry not found", {"X-Error-Code": "EntryNotFound"})
                     if path in hub.lfs:
                         return self._send(302, b"", {"Location": f"{hub.url}/cdn/{urllib.parse.quote(path)}"})
-                    return self._file(path)
+                    return send_range(self, hub.served(path))
                 if url.path.startswith("/cdn/"):
-                    return self._file(urllib.parse.unquote(url.path[len("/cdn/"):]))
+                    return send_range(self, hub.served(urllib.parse.unquote(url.path[len("/cdn/"):])))
                 self._send(404, json.dumps({"error": "Repository not found"}).encode(),
                            {"X-Error-Code": "RepoNotFound"})
-
-            def _file(self, path: str) -> None:
-                body = hub.files[path]
-                if path in hub.corrupt:
-                    body = bytes([body[0] ^ 1]) + body[1:]
-                start = int(self.headers["Range"].split("=")[1].split("-")[0]) if "Range" in self.headers else 0
-                headers = {"Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"} if start else {}
-                self._send(206 if start else 200, body[start:], headers)
 
             def _send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
                 self.send_response(status)

@@ -15,8 +15,10 @@ import re
 import threading
 import time
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable
+
+from tests.loopback import LoopbackServer
 
 Reply = Callable[[dict[str, Any]], str]
 
@@ -42,7 +44,7 @@ def story_reply(request: dict[str, Any]) -> str:
     )
 
 
-class OllamaDouble:
+class OllamaDouble(LoopbackServer):
     """`with OllamaDouble() as server: Client(host=server.host)`; scripted by the attributes below."""
 
     def __init__(
@@ -61,19 +63,8 @@ class OllamaDouble:
         self.requests: list[dict[str, Any]] = []
         self.successes = 0
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self.host = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="ollama-double", daemon=True)
-
-    def __enter__(self) -> "OllamaDouble":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        super().__init__(self._handler(), name="ollama-double")
+        self.host = self.url
 
     def generation_requests(self) -> list[dict[str, Any]]:
         return [r for r in self.requests if r["path"] in ("/api/chat", "/api/generate")]

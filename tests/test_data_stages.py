@@ -6,7 +6,6 @@ import http.server
 import json
 import logging
 import socket
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from tasks.acquire import AcquireError, acquire, download, normalize
 from tasks.artifacts import write_manifest
 from tasks.shard import frame_documents, load_split, shard_corpus, split_of
 from tasks.tokenizer import build_tokenizer
+from tests.loopback import LoopbackServer, send_range
 
 LOG = logging.getLogger("test")
 
@@ -53,24 +53,8 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
     ranges: list[str] = []
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
-        start = 0
-        header = self.headers.get("Range")
-        type(self).ranges.append(header or "")
-        if header:
-            start = int(header.split("=")[1].split("-")[0])
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(self.payload) - 1}/{len(self.payload)}")
-        else:
-            self.send_response(200)
-        body = self.payload[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.fail_after is not None and not header:
-            self.wfile.write(body[: self.fail_after])  # then hang up mid-transfer
-            self.wfile.flush()
-            self.connection.close()
-            return
-        self.wfile.write(body)
+        type(self).ranges.append(self.headers.get("Range") or "")
+        send_range(self, self.payload, cut_after=self.fail_after)  # the first transfer hangs up half-way
 
     def log_message(self, *args):
         pass
@@ -80,12 +64,10 @@ def test_download_resumes_with_a_range_request_and_checks_the_checksum(tmp_path)
     """A loopback HTTP server (this machine has no internet) that drops the first transfer half-way."""
     payload = b"".join(json.dumps({"text": f"story {i}"}).encode() + b"\n" for i in range(2000))
     _RangeHandler.payload, _RangeHandler.fail_after, _RangeHandler.ranges = payload, 10_000, []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/data.jsonl"
     dest = tmp_path / "data.jsonl"
     digest = hashlib.sha256(payload).hexdigest()
-    try:
+    with LoopbackServer(_RangeHandler) as server:
+        url = f"{server.url}/data.jsonl"
         with pytest.raises(AcquireError, match="resumes"):
             download(url, dest, digest, LOG, timeout=5)
         assert (tmp_path / "data.jsonl.part").stat().st_size == 10_000
@@ -95,8 +77,6 @@ def test_download_resumes_with_a_range_request_and_checks_the_checksum(tmp_path)
         _RangeHandler.fail_after = None
         with pytest.raises(AcquireError, match="checksum mismatch"):
             download(url, tmp_path / "other.jsonl", "0" * 64, LOG, timeout=5)
-    finally:
-        server.shutdown()
 
 
 def _parquet_bytes(texts: list[str]) -> bytes:
