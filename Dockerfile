@@ -5,9 +5,7 @@ FROM python:3.11-slim
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake git \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
-ENV PREFECT_SERVER_ANALYTICS_ENABLED=false \
-    MLFLOW_DISABLE_TELEMETRY=true \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # torch first, from the CPU wheel index: a bare requirement would pull several GB of CUDA packages.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu

@@ -21,11 +21,12 @@ import torch
 
 from model.tokenizer import load_tokenizer
 from pipeline_config.schema import ModelSection, ShardConfig, TokenizerConfig, TrainConfig
-from tasks.artifacts import write_manifest
+from tasks.stage import write_manifest
 from tasks.evaluate import validation_loss
-from tasks.shard import load_split, shard_splits
+from tasks.corpus.reader import load_split
+from tasks.shard import shard_splits
 from tasks.tokenizer import build_tokenizer
-from tasks.train import train
+from tasks.training.loop import train
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories-sample"
 

@@ -28,8 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline_config.synthesize import SynthesizeConfig  # noqa: E402
-from tasks.story_backends import LlamaCppBackend, StoryRequest, default_threads  # noqa: E402
-from tasks.story_recipes import derive_seed, load_recipe, story_prompt  # noqa: E402
+from tasks.synthesis.backend import StoryRequest, default_threads  # noqa: E402
+from tasks.synthesis.llamacpp import LlamaCppBackend  # noqa: E402
+from tasks.synthesis.recipes import derive_seed, load_recipe, story_prompt  # noqa: E402
 
 
 def requests(cfg: SynthesizeConfig, indices) -> list[StoryRequest]:

@@ -8,8 +8,6 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
 from pipeline_config import ConfigError, load_config  # noqa: E402

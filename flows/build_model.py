@@ -33,15 +33,15 @@ def build_model(preset: str = "quickstart", overrides: list[str] | None = None) 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     run = StageRunner(Path(cfg.artifacts_dir))
-    documents = run(acquire_task, cfg.acquire) if cfg.acquire.sources else None
+    acquired = run(acquire_task, cfg.acquire) if cfg.acquire.sources else None
     stories = run(synthesize_task, cfg.synthesize) if cfg.synthesize.n else None
-    tokenizer = run(tokenizer_task, cfg.tokenizer, documents=documents, stories=stories)
-    shards = run(shard_task, cfg.shard, documents=documents, stories=stories, tokenizer=tokenizer)
-    model = run(train_task, cfg.train, shards=shards)
-    evaluation = run(evaluate_task, cfg.evaluate, model=model, shards=shards, tokenizer=tokenizer)
+    vocabulary = run(tokenizer_task, cfg.tokenizer, acquire=acquired, synthesize=stories)
+    shards = run(shard_task, cfg.shard, acquire=acquired, synthesize=stories, tokenizer=vocabulary)
+    model = run(train_task, cfg.train, shard=shards)
+    evaluation = run(evaluate_task, cfg.evaluate, tokenizer=vocabulary, shard=shards, train=model)
     registered = run(
-        register_task, cfg.register, documents=documents, stories=stories, tokenizer=tokenizer, shards=shards,
-        model=model, evaluation=evaluation,
+        register_task, cfg.register, acquire=acquired, synthesize=stories, tokenizer=vocabulary, shard=shards,
+        train=model, evaluate=evaluation,
     )
     summary = {
         "stages": run.states,

@@ -6,14 +6,10 @@ Needs a Prefect API (`prefect server start --host 127.0.0.1` and PREFECT_API_URL
 from __future__ import annotations
 
 import argparse
-import os
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+from prefect import serve
 
-from prefect import serve  # noqa: E402
-
-from flows.build_model import build_model  # noqa: E402
+from flows.build_model import build_model
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from model.config import ModelSection
 from pipeline_config.synthesize import SynthesizeConfig
 
 
@@ -65,37 +66,6 @@ class ShardConfig(Section):
     val_fraction: float = Field(0.05, gt=0, lt=1, description="share of documents (by content hash) held out")
     num_workers: int = Field(2, ge=1)
     compression_level: int = Field(3, ge=1, le=22, description="zstd level")
-
-
-class ModelSection(Section):
-    """Mirrors `model.ModelConfig`; the vocabulary size comes from the tokenizer artifact."""
-
-    arch: Literal["gpt", "llama", "mamba2"] = "gpt"
-    block_size: int = Field(128, ge=2)
-    n_layer: int = Field(4, ge=1)
-    n_head: int = Field(4, ge=1)
-    n_kv_head: int | None = Field(None, ge=1)
-    n_embd: int = Field(128, ge=8)
-    d_ff: int | None = Field(None, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    bias: bool = False
-    pos_encoding: Literal["learned", "sinusoidal"] = "learned"
-    tie_weights: bool = True
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    d_state: int = 64
-    d_conv: int = 4
-    expand: int = 2
-    headdim: int = 32
-    chunk_size: int = 64
-
-    @model_validator(mode="after")
-    def _heads_divide(self) -> "ModelSection":
-        if self.arch != "mamba2" and self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
-        return self
 
 
 class TrainConfig(Section):

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class QualityConfig(BaseModel):
-    """Thresholds of the quality gates (tasks/story_quality.py); a story failing one is rejected and counted."""
+    """Thresholds of the quality gates (tasks/synthesis/quality.py); a story failing one is rejected and counted."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -100,9 +100,9 @@ class SynthesizeConfig(BaseModel):
         None,
         ge=1,
         le=64,
-        description="llamacpp: stories decoded together in one batch (default 64; on an idle 2-core machine, "
-        "2.7x the single-stream tokens/s at 64, 2.4x at 32); ollama: requests in flight (default 4; the server queues "
-        "what it cannot run at once)",
+        description="llamacpp: stories decoded together in one batch (default 64; benchmarks/synthesize.py measures "
+        "the gain over single-stream on this machine); ollama: requests in flight (default 4; the server queues what "
+        "it cannot run at once)",
     )
 
     # ollama backend
@@ -125,18 +125,16 @@ class SynthesizeConfig(BaseModel):
     n_threads: int | None = Field(
         None,
         ge=1,
-        description="llamacpp: CPU threads; None uses every core (on an idle 2-core machine 2 threads make 1.75x "
-        "the tokens/s of 1). Lower it on a shared machine: ggml's spinning thread barrier collapses (10-100x slower) "
-        "when another process takes one of its cores",
+        description="llamacpp: CPU threads; None uses every core. Lower it on a shared machine: ggml's spinning "
+        "thread barrier collapses when another process takes one of its cores",
     )
     requantize: Literal["f32", "q8_0", "q4_0", "f16"] | None = Field(
         "f32",
         description="llamacpp: convert the GGUF's weights to this type when loading (into a temporary file, a second "
         "or two for 135M parameters). SmolLM2 ships as Q4_1, which has no batched matrix kernel on x86. f32 holds its "
-        "values exactly and, with 32 or more stories in a batch, runs fastest here (AVX-512 float kernels: a step of "
-        "64 stories 187 ms against 215 with q8_0, prompts 12% faster); q8_0 holds them almost exactly (perplexity "
-        "9.30 against 9.32 as shipped, on data/tinystories-sample) in a quarter of the memory and is faster below ~24 "
-        "stories; q4_0 is faster still but worse (11.79). null uses the file as it is (do that for large models)",
+        "values exactly; q8_0 holds them almost exactly in a quarter of the memory; q4_0 loses quality. Which is "
+        "fastest depends on the CPU's kernels and the batch width (benchmarks/synthesize.py). null uses the file as "
+        "it is (do that for large models)",
     )
 
     quality: QualityConfig = Field(default_factory=QualityConfig, description="quality-gate thresholds")

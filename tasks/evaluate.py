@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from model import load_model
+from model.generation import generate_text
 from model.tokenizer import load_tokenizer
 from pipeline_config.schema import EvaluateConfig
-from tasks.artifacts import Artifact, describe_files, write_json
-from tasks.shard import load_split
-from tasks.stage import Stage, prefect_task
-from tasks.train import load_trained
+from tasks.corpus.reader import load_split
+from tasks.stage import Artifact, Stage, describe_files, prefect_task, write_json
+from tasks.train import MODEL_CONFIG, WEIGHTS
 
 SAMPLES = "samples.json"
 METRICS = "metrics.json"
@@ -48,30 +49,24 @@ def validation_loss(model: torch.nn.Module, tokens: np.ndarray, block_size: int,
 
 
 def generate_samples(model: torch.nn.Module, tokenizer: Any, cfg: EvaluateConfig) -> list[dict[str, Any]]:
-    device = next(model.parameters()).device
+    """Each prompt continued greedily and sampled at `cfg.temperature`, through model/generation.py."""
     samples = []
     for prompt in cfg.prompts:
-        prompt_ids = [tokenizer.bos_id, *tokenizer.encode([prompt])[0]]
-        idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
         for mode, temperature in (("greedy", 0.0), ("sampled", cfg.temperature)):
-            torch.manual_seed(cfg.seed)
-            out = model.generate(
-                idx, cfg.max_new_tokens, temperature=temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                eos_id=tokenizer.eos_id,
-            )
-            # decode prompt and continuation together: SentencePiece drops the leading space of a lone continuation
-            samples.append({"prompt": prompt, "mode": mode, "temperature": temperature,
-                            "text": tokenizer.decode(out[0, 1:].tolist())})
+            [text] = generate_text(model, tokenizer, [prompt], cfg.max_new_tokens, temperature=temperature,
+                                   top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed)
+            samples.append({"prompt": prompt, "mode": mode, "temperature": temperature, "text": text})
     return samples
 
 
-def evaluate(cfg: EvaluateConfig, model_artifact: Artifact, shards: Artifact, tokenizer_dir: Path, out_dir: Path, log: logging.Logger) -> dict[str, Any]:
-    model = load_trained(model_artifact)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    val = load_split(shards, "val")
-    block_size = model_artifact.manifest["model_config"]["block_size"]
+def evaluate(cfg: EvaluateConfig, out_dir: Path, log: logging.Logger, *,
+             tokenizer: Artifact, shard: Artifact, train: Artifact) -> dict[str, Any]:
+    model = load_model(train.path / WEIGHTS, train.path / MODEL_CONFIG)
+    text_tokenizer = load_tokenizer(tokenizer.path)
+    val = load_split(shard, "val")
+    block_size = train.manifest["model_config"]["block_size"]
     loss, scored = validation_loss(model, val, block_size, cfg.batch_size, cfg.max_batches)
-    totals = shards.manifest["totals"]["val"]
+    totals = shard.manifest["totals"]["val"]
     tokens_per_byte = totals["tokens"] / max(totals["text_bytes"], 1)
     metrics = {
         "val_loss": loss,
@@ -79,7 +74,7 @@ def evaluate(cfg: EvaluateConfig, model_artifact: Artifact, shards: Artifact, to
         "val_bpb": loss / math.log(2) * tokens_per_byte,
         "val_tokens_scored": scored,
     }
-    samples = generate_samples(model, tokenizer, cfg)
+    samples = generate_samples(model, text_tokenizer, cfg)
     write_json(out_dir / METRICS, metrics)
     write_json(out_dir / SAMPLES, samples)
     log.info(
@@ -90,9 +85,5 @@ def evaluate(cfg: EvaluateConfig, model_artifact: Artifact, shards: Artifact, to
     return {"metrics": metrics, "samples": samples, "files": describe_files(out_dir, [METRICS, SAMPLES])}
 
 
-STAGE = Stage(
-    name="evaluate",
-    run=lambda cfg, up, out_dir, log: evaluate(cfg, up["model"], up["shards"], up["tokenizer"].path, out_dir, log),
-    code=("tasks/evaluate.py", "tasks/train.py", "model"),
-)
+STAGE = Stage(name="evaluate", run=evaluate, inputs=("tokenizer", "shard", "train"))
 evaluate_task = prefect_task(STAGE)

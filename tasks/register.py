@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 from pipeline_config.schema import RegisterConfig
-from tasks.artifacts import Artifact, write_json
-from tasks.stage import REPO_ROOT, Stage, prefect_task
+from tasks.evaluate import SAMPLES
+from tasks.stage import REPO_ROOT, Artifact, Stage, prefect_task, read_jsonl, write_json
+from tasks.tokenizer import REPORT as FERTILITY
 from tasks.train import METRICS as TRAIN_METRICS
+from tasks.train import MODEL_CONFIG, WEIGHTS
 
 REGISTERED = "registered.json"
 
@@ -53,8 +54,8 @@ def _loss_plot(rows: list[dict[str, Any]], path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train")
-    val = [r for r in rows if "val_loss" in r]
-    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
+    val = [r for r in rows if "val_loss_estimate" in r]
+    ax.plot([r["step"] for r in val], [r["val_loss_estimate"] for r in val], "o-", label="val (estimate)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.legend()
@@ -64,74 +65,91 @@ def _loss_plot(rows: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
-def register(cfg: RegisterConfig, upstream: dict[str, Artifact | None], out_dir: Path, log: logging.Logger) -> dict[str, Any]:
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+CURVE_KEYS = {"loss": "train/loss", "val_loss_estimate": "train/val_loss_estimate", "lr": "train/lr"}
+SUMMARY_KEYS = ("tokens_per_s", "train_seconds", "energy_kwh", "emissions_kg_co2eq", "parameters", "final_train_loss")
+
+
+def _experiment(client: Any, cfg: RegisterConfig, artifact_location: str | None) -> str:
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    if experiment:
+        return experiment.experiment_id
+    return client.create_experiment(cfg.experiment, artifact_location=artifact_location)
+
+
+def _log_lineage(client: Any, run_id: str, upstream: dict[str, Artifact | None], out_dir: Path) -> dict[str, float]:
+    """Params (every stage's config slice), the training curve, the summary metrics, manifests, reports, plots."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    train, evaluation, tokenizer = upstream["train"], upstream["evaluate"], upstream["tokenizer"]
+    params: dict[str, str] = {}
+    for artifact in upstream.values():
+        if artifact is not None:
+            _flatten(artifact.stage, artifact.manifest.get("config", {}), params)
+    mlflow.log_params(params)
+    rows = read_jsonl(train.path / TRAIN_METRICS)
+    curve = [Metric(name, float(row[key]), 0, row["step"]) for row in rows for key, name in CURVE_KEYS.items()
+             if key in row]
+    for start in range(0, len(curve), 1000):
+        client.log_batch(run_id, metrics=curve[start : start + 1000])
+    summary = train.manifest
+    metrics = {**evaluation.manifest["metrics"],
+               **{key: float(summary[key]) for key in SUMMARY_KEYS if summary.get(key) is not None}}
+    mlflow.log_metrics(metrics)
+    mlflow.set_tags({"scriptorium.config": summary.get("config", {}).get("model", {}).get("arch", "")})
+    for name, artifact in upstream.items():
+        if artifact is not None:
+            mlflow.log_dict(artifact.manifest, f"manifests/{name}.json")
+    mlflow.log_artifact(str(tokenizer.path / FERTILITY))
+    mlflow.log_artifact(str(evaluation.path / SAMPLES))
+    for emissions in train.path.glob("emissions*.csv"):
+        mlflow.log_artifact(str(emissions))
+    if _loss_plot(rows, out_dir / "loss.png"):
+        mlflow.log_artifact(str(out_dir / "loss.png"), "plots")
+    return metrics
+
+
+def _log_model(cfg: RegisterConfig, train: Artifact, tokenizer: Artifact) -> str:
+    """The pyfunc (model/serving.py) with the weights, registered as a new version of `cfg.model_name`."""
     import mlflow
     import pandas as pd
-    from mlflow.entities import Metric
     from mlflow.models import infer_signature
-    from mlflow.tracking import MlflowClient
 
     from model.serving import PARAMS, ScriptoriumLM
 
-    model_art, evaluation, tokenizer = upstream["model"], upstream["evaluation"], upstream["tokenizer"]
+    example = pd.DataFrame({"prompt": ["Once upon a time"]})
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=ScriptoriumLM(),
+        artifacts={
+            "weights": str(train.path / WEIGHTS),
+            "model_config": str(train.path / MODEL_CONFIG),
+            "tokenizer": str(tokenizer.path),
+        },
+        code_paths=[str(REPO_ROOT / "model")],
+        signature=infer_signature(example, ["Once upon a time ..."], params=PARAMS),
+        pip_requirements=_requirements(),
+        registered_model_name=cfg.model_name,
+    )
+    return str(info.registered_model_version)
+
+
+def register(cfg: RegisterConfig, out_dir: Path, log: logging.Logger, *, acquire: Artifact | None,
+             synthesize: Artifact | None, tokenizer: Artifact, shard: Artifact, train: Artifact,
+             evaluate: Artifact) -> dict[str, Any]:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    upstream = {"acquire": acquire, "synthesize": synthesize, "tokenizer": tokenizer, "shard": shard, "train": train,
+                "evaluate": evaluate}
     uri, artifact_location = store_location(cfg, out_dir.parents[1])
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(cfg.experiment)
-    experiment_id = (
-        experiment.experiment_id if experiment
-        else client.create_experiment(cfg.experiment, artifact_location=artifact_location)
-    )
-    metrics = evaluation.manifest["metrics"]
-    train_summary = model_art.manifest
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{cfg.model_name}-{model_art.fingerprint[:8]}") as run:
-        params: dict[str, str] = {}
-        for name, artifact in upstream.items():
-            if artifact is not None:
-                _flatten(artifact.stage, artifact.manifest.get("config", {}), params)
-        mlflow.log_params(params)
-        rows = [json.loads(line) for line in (model_art.path / TRAIN_METRICS).read_text().splitlines() if line.strip()]
-        curve = [
-            Metric(key, float(row[key]), 0, row["step"]) for row in rows for key in ("loss", "val_loss", "lr") if key in row
-        ]
-        for start in range(0, len(curve), 1000):
-            client.log_batch(run.info.run_id, metrics=curve[start : start + 1000])
-        summary_metrics = {
-            **metrics,
-            **{
-                key: float(train_summary[key]) for key in
-                ("tokens_per_s", "train_seconds", "energy_kwh", "emissions_kg_co2eq", "parameters", "final_train_loss")
-                if train_summary.get(key) is not None
-            },
-        }
-        mlflow.log_metrics(summary_metrics)
-        mlflow.set_tags({"scriptorium.config": train_summary.get("config", {}).get("model", {}).get("arch", "")})
-        for name, artifact in upstream.items():
-            if artifact is not None:
-                mlflow.log_dict(artifact.manifest, f"manifests/{name}.json")
-        mlflow.log_artifact(str(tokenizer.path / "fertility.json"))
-        mlflow.log_artifact(str(evaluation.path / "samples.json"))
-        for emissions in model_art.path.glob("emissions*.csv"):
-            mlflow.log_artifact(str(emissions))
-        if _loss_plot(rows, out_dir / "loss.png"):
-            mlflow.log_artifact(str(out_dir / "loss.png"), "plots")
-        example = pd.DataFrame({"prompt": ["Once upon a time"]})
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=ScriptoriumLM(),
-            artifacts={
-                "weights": str(model_art.path / "model.safetensors"),
-                "model_config": str(model_art.path / "model_config.json"),
-                "tokenizer": str(tokenizer.path),
-            },
-            code_paths=[str(REPO_ROOT / "model")],
-            signature=infer_signature(example, ["Once upon a time ..."], params=PARAMS),
-            pip_requirements=_requirements(),
-            registered_model_name=cfg.model_name,
-        )
-        version = str(info.registered_model_version)
-    promoted, previous = _maybe_promote(client, cfg, version, summary_metrics)
+    experiment_id = _experiment(client, cfg, artifact_location)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{cfg.model_name}-{train.fingerprint[:8]}") as run:
+        metrics = _log_lineage(client, run.info.run_id, upstream, out_dir)
+        version = _log_model(cfg, train, tokenizer)
+    promoted, previous = _maybe_promote(client, cfg, version, metrics)
     result = {
         "tracking_uri": uri,
         "experiment_id": experiment_id,
@@ -141,7 +159,7 @@ def register(cfg: RegisterConfig, upstream: dict[str, Artifact | None], out_dir:
         "model_uri": f"models:/{cfg.model_name}/{version}",
         "champion": promoted,
         "previous_champion": previous,
-        "metric": {cfg.champion_metric: summary_metrics[cfg.champion_metric]},
+        "metric": {cfg.champion_metric: metrics[cfg.champion_metric]},
     }
     write_json(out_dir / REGISTERED, result)
     log.info(
@@ -199,6 +217,7 @@ def still_registered(artifact: Artifact) -> bool:
 
 
 STAGE = Stage(
-    name="register", run=register, code=("tasks/register.py", "model/serving.py"), intact=still_registered
+    name="register", run=register, inputs=("acquire", "synthesize", "tokenizer", "shard", "train", "evaluate"),
+    intact=still_registered,
 )
 register_task = prefect_task(STAGE)

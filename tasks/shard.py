@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,9 +24,8 @@ import pyarrow.parquet as pq
 
 from model.tokenizer import load_tokenizer
 from pipeline_config.schema import ShardConfig
-from tasks.artifacts import Artifact, file_sha256
-from tasks.corpus import corpus
-from tasks.stage import Stage, prefect_task
+from tasks.corpus.reader import corpus
+from tasks.stage import Artifact, Stage, atomic_path, describe_files, prefect_task
 
 SPLIT_BUCKETS = 1_000_000
 
@@ -55,12 +53,10 @@ def frame_documents(ids: list[list[int]], bos: int, eos: int, dtype: np.dtype) -
     return framed
 
 
-def _write_shard(path: Path, tokens: np.ndarray, level: int) -> str:
+def _write_shard(path: Path, tokens: np.ndarray, level: int) -> None:
     table = pa.table({"tokens": pa.array(tokens)})
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd", compression_level=level, row_group_size=max(len(tokens), 1))
-    os.replace(tmp, path)
-    return file_sha256(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", compression_level=level, row_group_size=max(len(tokens), 1))
 
 
 def split_records(records: list[dict[str, str]], val_fraction: float) -> dict[str, list[str]]:
@@ -104,8 +100,8 @@ def shard_splits(cfg: ShardConfig, splits: dict[str, list[str]], tokenizer_dir: 
                         "text_bytes": sum(len(t.encode("utf-8")) for t in chunk),
                     }
                 )
-        for shard, job in zip(shards, jobs):
-            shard["sha256"] = job.result()
+        for job in jobs:
+            job.result()
     elapsed = time.perf_counter() - started
     totals = {
         split: {
@@ -120,27 +116,16 @@ def shard_splits(cfg: ShardConfig, splits: dict[str, list[str]], tokenizer_dir: 
         "shard: %d shards, %d train / %d val tokens, %.1f MB/s",
         len(shards), totals["train"]["tokens"], totals["val"]["tokens"], total_bytes / 1e6 / max(elapsed, 1e-9),
     )
-    files = {s["file"]: {"bytes": (out_dir / s["file"]).stat().st_size, "sha256": s["sha256"]} for s in shards}
+    files = describe_files(out_dir, [s["file"] for s in shards])
+    for entry in shards:
+        entry["sha256"] = files[entry["file"]]["sha256"]
     return {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "shards": shards, "totals": totals, "files": files}
 
 
-def load_split(artifact: Artifact, split: str) -> np.ndarray:
-    """All tokens of a split as one array; a single shard is returned zero-copy (read-only)."""
-    arrays = [
-        pq.ParquetFile(artifact.path / s["file"]).read().column(0).chunk(0).to_numpy(zero_copy_only=True)
-        for s in artifact.manifest["shards"]
-        if s["split"] == split and s["tokens"] > 0
-    ]
-    if not arrays:
-        raise ValueError(f"no {split} shards in {artifact.path}")
-    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+def shard(cfg: ShardConfig, out_dir: Path, log: logging.Logger, *,
+          acquire: Artifact | None, synthesize: Artifact | None, tokenizer: Artifact) -> dict[str, Any]:
+    return shard_corpus(cfg, corpus(acquire, synthesize), tokenizer.path, out_dir, log)
 
 
-STAGE = Stage(
-    name="shard",
-    run=lambda cfg, up, out_dir, log: shard_corpus(
-        cfg, corpus(up["documents"], up["stories"]), up["tokenizer"].path, out_dir, log
-    ),
-    code=("tasks/shard.py", "tasks/corpus.py", "model/tokenizer.py"),
-)
+STAGE = Stage(name="shard", run=shard, inputs=("acquire", "synthesize", "tokenizer"))
 shard_task = prefect_task(STAGE)

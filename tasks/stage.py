@@ -1,57 +1,292 @@
-"""The one caching mechanism every stage shares.
+"""The stage mechanism and artifact I/O: the one module in `tasks/` that is not a stage.
+
+A stage is a small frozen record, read like marin's executor steps: its name, a plain function, and the names of the
+stages whose artifacts it reads (`inputs=("tokenizer", "shard")`). The function is called as
+`run(cfg, out_dir, log, **inputs)`, each input named after the stage that made it; a declared input the function does
+not take (or a stage name that does not exist) fails when the module is imported, not mid-run.
 
 A stage's cache key is the hash of exactly what its output depends on: its own config slice, the fingerprints of the
-upstream manifests it reads, and the source of its code (its module plus any package it names, e.g. `model/` for
-training). Prefect stores the result under that key, so a re-run after a config change re-executes that stage and,
-because its manifest fingerprint changes, everything downstream of it, and nothing upstream.
+upstream artifacts it reads, and its code identity, which is derived, not listed: the project modules its function's
+module imports, transitively, each hashed on its syntax tree with docstrings removed (comments never reach the tree).
+A comment edit never re-runs anything; a helper module nobody remembered to list can never serve stale output.
 
-The output directory is derived from the same key, so two configurations never overwrite each other and a killed
-stage re-runs in the same directory (where synthesize and train resume from what they left). A stage may leave some
-knobs out of the directory's identity (`workdir_ignores`): asking synthesize for more stories reuses the directory
-that holds the first ones and extends it.
+An artifact is a directory that exists for the pipeline only once its `manifest.json` is written, last and
+atomically. Every file a stage writes goes through `atomic_path` (a temporary name in the same directory, fsync, then
+`os.replace`), Parquet and safetensors included, so a killed stage never leaves a file that looks finished. The
+artifact's fingerprint covers the checksums of its files and what produced them, not its timings, so a stage that
+re-runs to the same bytes invalidates nothing downstream.
 """
 from __future__ import annotations
 
+import ast
+import contextlib
+import functools
 import hashlib
+import inspect
 import json
 import logging
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from pydantic import BaseModel
 
-from tasks.artifacts import Artifact, load_artifact, write_manifest
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ".prefect-results"
+MANIFEST = "manifest.json"
+# The pipeline's stages in the order they run: a stage may read only stages named before it.
+PIPELINE = ("acquire", "synthesize", "tokenizer", "shard", "train", "evaluate", "register")
+PROJECT_PACKAGES = ("tasks", "model", "pipeline_config", "flows")
 
-StageFn = Callable[[Any, Mapping[str, Artifact | None], Path, logging.Logger], dict[str, Any]]
+
+# ------------------------------------------------------------------------------------------------- artifact files
+def json_digest(payload: Any) -> str:
+    """SHA-256 of `payload` as sorted JSON: the one way the pipeline hashes structured data."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def code_version(paths: tuple[str, ...]) -> str:
-    """SHA-256 over the Python sources at `paths` (files or packages, relative to the repository root)."""
+def _fsync_directory(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # some filesystems refuse to open a directory; the rename still happened
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; when the block succeeds, fsync it and rename it into place.
+
+    For writers that want a file name (pyarrow, safetensors); `write_atomic` is the same for bytes in memory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_directory(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(payload)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
-    for rel in sorted(paths):
-        target = REPO_ROOT / rel
-        files = sorted(target.rglob("*.py")) if target.is_dir() else [target]
-        for source in files:
-            digest.update(str(source.relative_to(REPO_ROOT)).encode())
-            digest.update(source.read_bytes())
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
     return digest.hexdigest()
 
 
-def _hash(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+def describe_files(directory: Path, names: list[str], records: Mapping[str, int] | None = None) -> dict[str, dict]:
+    """Size and checksum of each named file (and its record count where given), for a manifest's `files`."""
+    described = {}
+    for name in names:
+        entry: dict[str, Any] = {"bytes": (directory / name).stat().st_size, "sha256": file_sha256(directory / name)}
+        if records and name in records:
+            entry["records"] = records[name]
+        described[name] = entry
+    return described
+
+
+class TornFileError(ValueError):
+    """A JSON-lines file is corrupt somewhere other than its last line, so no kill mid-write explains it."""
+
+
+def read_jsonl(path: Path, log: logging.Logger | None = None) -> list[dict[str, Any]]:
+    """Every record of a JSON-lines file the pipeline appended to, with one rule for damage: a bad *last* line is
+    what a kill mid-write leaves, so it is dropped (and logged); a bad line before it is corruption and raises."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:
+            if any(rest.strip() for rest in lines[number:]):
+                raise TornFileError(
+                    f"{path} line {number} is corrupt and is not the last line, so a kill mid-write did not leave "
+                    "it: move the file away and re-run"
+                ) from None
+            (log or logging.getLogger("scriptorium")).warning(
+                "%s ends with a torn line (%d bytes, left by a kill); it is dropped", path.name, len(line))
+            break
+        records.append(record)
+    return records
+
+
+def seal_jsonl(path: Path) -> None:
+    """Make a JSON-lines file safe to append to: cut off a torn last line (what a kill mid-write leaves), or end a
+    complete last line that lacks only its newline."""
+    path = Path(path)
+    data = path.read_bytes() if path.is_file() else b""
+    if not data or data.endswith(b"\n"):
+        return
+    head, newline, tail = data.rpartition(b"\n")
+    try:
+        json.loads(tail)
+        complete = True
+    except ValueError:
+        complete = False
+    with open(path, "r+b") as handle:
+        if complete:
+            handle.seek(0, os.SEEK_END)
+            handle.write(b"\n")
+        else:
+            handle.truncate(len(head) + len(newline))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+# ------------------------------------------------------------------------------------------------------ artifacts
+@dataclass(frozen=True)
+class Artifact:
+    """What a stage hands the next one: where its output lives and the fingerprint of its manifest."""
+
+    stage: str
+    path: Path
+    fingerprint: str
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return json.loads((self.path / MANIFEST).read_text(encoding="utf-8"))
+
+
+CONTENT_KEYS = ("stage", "config", "upstream", "files")
+
+
+def fingerprint(manifest: dict[str, Any]) -> str:
+    """What downstream keys hash: the output files' checksums plus what produced them, not the manifest's timings.
+    A manifest without a `files` section is fingerprinted whole."""
+    content = {key: manifest[key] for key in CONTENT_KEYS if key in manifest} if "files" in manifest else manifest
+    return json_digest(content)
+
+
+def write_manifest(directory: Path, stage: str, manifest: dict[str, Any]) -> Artifact:
+    directory = Path(directory)
+    write_json(directory / MANIFEST, {"stage": stage, **manifest})
+    return load_artifact(directory, stage)
+
+
+def load_artifact(directory: Path, stage: str) -> Artifact | None:
+    manifest = Path(directory) / MANIFEST
+    if not manifest.is_file():
+        return None
+    data = json.loads(manifest.read_text(encoding="utf-8"))
+    return Artifact(stage=stage, path=Path(directory).resolve(), fingerprint=fingerprint(data))
+
+
+# -------------------------------------------------------------------------------------------------- code identity
+def _module_file(name: str) -> Path | None:
+    """The source file of a project module (`tasks.shard` -> tasks/shard.py), or None for anything else."""
+    if name.split(".")[0] not in PROJECT_PACKAGES:
+        return None
+    base = REPO_ROOT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def _imports(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    """Modules a tree imports anywhere (top level or inside functions), resolved to absolute dotted names; for
+    `from pkg import name` both `pkg` and `pkg.name` (which may be a submodule) are candidates."""
+    package = module if is_package else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(filter(None, [*parts, base]))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _module_source(name: str) -> tuple[str, frozenset[str]] | None:
+    """(digest of the module's syntax tree without docstrings, the project modules it imports)."""
+    path = _module_file(name)
+    if path is None:
+        return None
+    tree = _strip_docstrings(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+    imported = _imports(tree, name, path.name == "__init__.py")
+    parents = {".".join(name.split(".")[:i]) for i in range(1, len(name.split(".")))}  # packages run on import
+    deps = frozenset(m for m in imported | parents if _module_file(m) is not None)
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest(), deps
+
+
+STAGE_MODULES = frozenset(f"tasks.{name}" for name in PIPELINE)
+
+
+def code_modules(module: str) -> list[str]:
+    """`module` and every project module it imports, transitively, sorted; the walk stops at other stages' modules.
+
+    A stage reads another stage's output through that stage's artifact, whose fingerprint is already in its key; it
+    imports the other stage's module only for file names, which the fingerprint covers too. Following those imports
+    would make an edit to, say, the llama.cpp backend retrain the model. Code that reads an artifact therefore lives
+    in a shared module (e.g. `tasks/corpus/reader.py`), which the walk does follow."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen or (name in STAGE_MODULES and name != module) or (source := _module_source(name)) is None:
+            continue
+        seen.add(name)
+        todo.extend(source[1] - seen)
+    return sorted(seen)
+
+
+def code_identity(module: str) -> str:
+    return json_digest({name: _module_source(name)[0] for name in code_modules(module)})
+
+
+# ---------------------------------------------------------------------------------------------------------- stages
+StageFn = Callable[..., dict[str, Any]]
 
 
 @dataclass(frozen=True)
 class Stage:
-    """A pipeline stage: a plain function `run(cfg, upstream, out_dir, log) -> manifest fields`, plus its identity."""
+    """A pipeline stage: `run(cfg, out_dir, log, **inputs) -> manifest fields`, the stages it reads, and its knobs."""
 
     name: str
     run: StageFn
-    code: tuple[str, ...]
+    inputs: tuple[str, ...] = ()
     workdir_ignores: frozenset[str] = field(default_factory=frozenset)
     # False for stages whose directory is a journal guarded by its own identity check (synthesize): editing their
     # code must not strand hours of generated stories in a directory nobody reads again.
@@ -63,19 +298,37 @@ class Stage:
     retries: int = 0
     retry_delay_seconds: float = 0
 
-    def _identity(
-        self, cfg: BaseModel, upstream: Mapping[str, Artifact | None], exclude: frozenset[str], code: bool = True
-    ) -> str:
-        return _hash(
-            {
-                "stage": self.name,
-                "config": cfg.model_dump(mode="json", exclude=set(exclude)),
-                "upstream": self.key_upstream(upstream),
-                "code": code_version(self.code) if code else None,
-                # what lives outside the pipeline (local files' sizes and times, a URL's checksum)
-                "external": self.external(cfg) if self.external else None,
-            }
-        )
+    def __post_init__(self) -> None:
+        if self.name not in PIPELINE:
+            raise ValueError(f"stage '{self.name}' is not in the pipeline {PIPELINE}")
+        earlier = PIPELINE[: PIPELINE.index(self.name)]
+        unknown = [name for name in self.inputs if name not in earlier]
+        if unknown:
+            raise ValueError(f"stage '{self.name}' reads {unknown}, which are not stages before it ({earlier})")
+        params = inspect.signature(self.run).parameters
+        missing = [name for name in self.inputs if name not in params]
+        if missing:
+            raise TypeError(f"stage '{self.name}': {self.run.__qualname__} takes no parameter for input(s) {missing}")
+
+    @property
+    def code(self) -> str:
+        return code_identity(self.run.__module__)
+
+    def _check_inputs(self, upstream: Mapping[str, Artifact | None]) -> None:
+        if set(upstream) != set(self.inputs):
+            raise TypeError(f"stage '{self.name}' reads {sorted(self.inputs)}, was given {sorted(upstream)}")
+
+    def _identity(self, cfg: BaseModel, upstream: Mapping[str, Artifact | None], exclude: frozenset[str],
+                  code: bool = True) -> str:
+        self._check_inputs(upstream)
+        return json_digest({
+            "stage": self.name,
+            "config": cfg.model_dump(mode="json", exclude=set(exclude)),
+            "upstream": key_upstream(upstream),
+            "code": self.code if code else None,
+            # what lives outside the pipeline (local files' sizes and times, a URL's checksum)
+            "external": self.external(cfg) if self.external else None,
+        })
 
     def key(self, cfg: BaseModel, upstream: Mapping[str, Artifact | None]) -> str:
         return self._identity(cfg, upstream, frozenset())
@@ -91,17 +344,8 @@ class Stage:
             return None
         return artifact
 
-    @staticmethod
-    def key_upstream(upstream: Mapping[str, Artifact | None]) -> dict[str, str | None]:
-        return {name: art.fingerprint if art else None for name, art in sorted(upstream.items())}
-
-    def execute(
-        self,
-        cfg: BaseModel,
-        upstream: Mapping[str, Artifact | None],
-        root: Path,
-        log: logging.Logger | None = None,
-    ) -> Artifact:
+    def execute(self, cfg: BaseModel, upstream: Mapping[str, Artifact | None], root: Path,
+                log: logging.Logger | None = None) -> Artifact:
         """Run the stage without Prefect; returns the existing artifact if this exact key already finished."""
         log = log or logging.getLogger(f"scriptorium.{self.name}")
         out_dir = self.workdir(root, cfg, upstream)
@@ -111,20 +355,18 @@ class Stage:
             log.info("%s: output already complete in %s", self.name, out_dir)
             return existing
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "manifest.json").unlink(missing_ok=True)
-        fields = self.run(cfg, upstream, out_dir, log)
-        return write_manifest(
-            out_dir,
-            self.name,
-            {
-                "cache_key": key,
-                "config": cfg.model_dump(mode="json"),
-                "upstream": self.key_upstream(upstream),
-                **fields,
-            },
-        )
+        (out_dir / MANIFEST).unlink(missing_ok=True)
+        fields = self.run(cfg, out_dir, log, **upstream)
+        return write_manifest(out_dir, self.name, {
+            "cache_key": key, "config": cfg.model_dump(mode="json"), "upstream": key_upstream(upstream), **fields,
+        })
 
 
+def key_upstream(upstream: Mapping[str, Artifact | None]) -> dict[str, str | None]:
+    return {name: art.fingerprint if art else None for name, art in sorted(upstream.items())}
+
+
+# ---------------------------------------------------------------------------------------------------------- Prefect
 def results_dir(root: Path) -> Path:
     return Path(root).resolve() / RESULTS_DIR
 

@@ -2,8 +2,9 @@
 
     synthesize(cfg, out_dir, log) -> summary fields for the stage manifest
 
-Story slot i (0 <= i < n) gets a prompt determined by (recipe, seed, i) (tasks/story_recipes.py); a backend
-(tasks/story_backends.py) writes it; the quality gates (tasks/story_quality.py) accept it or name why not. A rejected
+Story slot i (0 <= i < n) gets a prompt determined by (recipe, seed, i) (tasks/synthesis/recipes.py); a backend
+(tasks/synthesis/llamacpp.py or ollama.py) writes it; the quality gates (tasks/synthesis/quality.py) accept it or name
+why not. A rejected
 slot is tried again with a new sampling seed derived from (seed, i, attempt), at most `max_attempts` times.
 
 The non-obvious decision is that the output directory is a journal, not a result. Every story is appended to
@@ -18,25 +19,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
 from pipeline_config.synthesize import SynthesizeConfig
-from tasks.artifacts import file_sha256, write_json
-from tasks.story_backends import (
-    Completion,
-    StoryBackend,
-    StoryRequest,
-    SynthesizeError,
-    default_gguf,
-    gguf_model_name,
-    open_backend,
-)
-from tasks.story_quality import QualityGate
-from tasks.story_recipes import LoadedRecipe, StoryPrompt, check_languages, derive_seed, load_recipe, story_prompt
+from tasks.stage import Stage, describe_files, prefect_task, write_json
+from tasks.synthesis.backend import Completion, StoryBackend, StoryRequest, SynthesizeError, open_backend
+from tasks.synthesis.journal import Journal
+from tasks.synthesis.llamacpp import default_gguf, gguf_model_name
+from tasks.synthesis.quality import QualityGate
+from tasks.synthesis.recipes import LoadedRecipe, StoryPrompt, check_languages, derive_seed, load_recipe, story_prompt
 
 __all__ = ["synthesize", "SynthesizeError", "WORKDIR_IGNORES", "generation_identity", "STORIES", "REJECTED"]
 
@@ -76,67 +70,6 @@ def generation_identity(cfg: SynthesizeConfig, recipe: LoadedRecipe | None = Non
     }
 
 
-# --- the journal --------------------------------------------------------------------------------------------------
-
-
-class Journal:
-    """An append-only JSON-lines file: one fsynced line per record; a torn last line (a kill mid-write) is cut off."""
-
-    def __init__(self, path: Path, log: logging.Logger):
-        self.path = path
-        self.log = log
-        self._handle = None
-
-    def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        data = self.path.read_bytes()
-        lines = data.split(b"\n")
-        records: list[dict[str, Any]] = []
-        offset = 0
-        for number, line in enumerate(lines):
-            last = number == len(lines) - 1
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                    if not isinstance(record, dict):
-                        raise ValueError("not a JSON object")
-                except ValueError:
-                    if not last:
-                        raise SynthesizeError(
-                            f"{self.path} line {number + 1} is corrupt and is not the last line, so it was not left "
-                            "by a kill mid-write: move the file away and re-run"
-                        ) from None
-                    self.log.warning("synthesize: %s ends with a torn line (%d bytes, left by a kill); cutting it off",
-                                     self.path.name, len(line))
-                    with open(self.path, "r+b") as handle:
-                        handle.truncate(offset)
-                        os.fsync(handle.fileno())
-                    break
-                records.append(record)
-                if last:  # complete but for its newline: keep it, and end it before anything is appended
-                    with open(self.path, "ab") as handle:
-                        handle.write(b"\n")
-                        os.fsync(handle.fileno())
-            offset += len(line) + 1
-        return records
-
-    def append(self, record: dict[str, Any]) -> None:
-        if self._handle is None:
-            self._handle = open(self.path, "ab")
-        self._handle.write(json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-
-    def touch(self) -> None:
-        self.path.touch(exist_ok=True)
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
-
 def _check_identity(out_dir: Path, identity: dict[str, Any], has_records: bool) -> None:
     path = out_dir / IDENTITY
     if path.exists():
@@ -159,10 +92,6 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def _describe(path: Path, records: int) -> dict[str, Any]:
-    return {"bytes": path.stat().st_size, "sha256": file_sha256(path), "records": records}
-
-
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     if seconds >= 3600:
@@ -178,29 +107,17 @@ def synthesize(cfg: SynthesizeConfig, out_dir: Path, log: logging.Logger | None 
     log = log or logging.getLogger("scriptorium.synthesize")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stories_journal, rejected_journal = Journal(out_dir / STORIES, log), Journal(out_dir / REJECTED, log)
-    stories_journal.touch()
+    journals = Journal(out_dir / STORIES, log), Journal(out_dir / REJECTED, log)
+    journals[0].touch()
     if cfg.n == 0:
-        return _summary(cfg, out_dir, stories_journal.read(), rejected_journal.read(), backend=None, run={})
+        return _summary(cfg, out_dir, journals[0].read(), journals[1].read(), backend=None, run={})
 
     recipe = load_recipe(cfg.recipe)
     check_languages(recipe, cfg.languages)
-    stories, rejected = stories_journal.read(), rejected_journal.read()
+    stories, rejected = journals[0].read(), journals[1].read()
     _check_identity(out_dir, generation_identity(cfg, recipe), bool(stories or rejected))
-
-    gate = QualityGate(cfg.quality)
-    accepted: set[int] = set()
-    for record in stories:
-        if record["index"] in accepted:
-            log.warning("synthesize: %s lists story %d twice; keeping both lines", STORIES, record["index"])
-        accepted.add(record["index"])
-        gate.admit(record["text"])
+    gate, accepted = _gate_with(cfg, stories, log)
     spent = Counter(record["index"] for record in rejected)
-    beyond = sorted(i for i in accepted if i >= cfg.n)
-    if beyond:
-        log.warning("synthesize: %s already holds %d stories beyond n=%d; they are kept on disk (not counted)",
-                    STORIES, len(beyond), cfg.n)
-
     todo = [i for i in range(cfg.n) if i not in accepted and spent[i] < cfg.max_attempts]
     given_up = sum(1 for i in range(cfg.n) if i not in accepted and spent[i] >= cfg.max_attempts)
     log.info(
@@ -211,58 +128,90 @@ def synthesize(cfg: SynthesizeConfig, out_dir: Path, log: logging.Logger | None 
     run: dict[str, Any] = {"tokens": 0, "seconds": 0.0, "accepted": 0, "rejected": Counter()}
     if not todo:
         return _summary(cfg, out_dir, stories, rejected, backend=None, run=run)
-
-    prompts: dict[int, StoryPrompt] = {}
-    queue: deque[tuple[int, int]] = deque((i, spent[i]) for i in todo)
-
-    def next_request() -> StoryRequest | None:
-        if not queue:
-            return None
-        index, attempt = queue.popleft()
-        if index not in prompts:
-            prompts[index] = story_prompt(recipe, cfg.seed, index, cfg.languages)
-        prompt = prompts[index]
-        return StoryRequest(index=index, attempt=attempt, prompt=prompt.prompt, system=prompt.system,
-                            seed=derive_seed("sample", cfg.seed, index, attempt))
-
-    started = time.monotonic()
-    # no more slots than stories to write: each llama.cpp slot holds n_ctx cells of KV cache, allocated up front
-    backend = open_backend(cfg.model_copy(update={"parallel": min(cfg.parallel, len(todo))}))
-    log.info("synthesize: %s backend ready with %s in %.1f s", backend.name, backend.model, time.monotonic() - started)
-    slots_total, slots_done, last_log = len(todo), 0, time.monotonic()
-    started = time.monotonic()
-    try:
-        for completion in backend.generate(next_request):
-            prompt = prompts[completion.request.index]
-            verdict = gate.judge(completion.text, prompt.language, prompt.words, truncated=completion.truncated)
-            record = _record(completion, prompt, backend, verdict.text, verdict.n_words)
-            run["tokens"] += completion.tokens
-            index, attempt = completion.request.index, completion.request.attempt
-            if verdict.accepted:
-                gate.admit(verdict.text)
-                stories_journal.append(record)
-                stories.append(record)
-                run["accepted"] += 1
-            else:
-                record["reason"] = verdict.reason
-                rejected_journal.append(record)
-                rejected.append(record)
-                run["rejected"][verdict.reason] += 1
-            if not verdict.accepted and attempt + 1 < cfg.max_attempts:
-                queue.appendleft((index, attempt + 1))  # the retry goes first, so slots finish roughly in order
-            else:
-                slots_done += 1
-                del prompts[index]
-            now = time.monotonic()
-            if now - last_log >= PROGRESS_EVERY_S or slots_done == slots_total:
-                last_log = now
-                _log_progress(log, run, slots_done, slots_total, now - started)
-    finally:
-        run["seconds"] = time.monotonic() - started
-        backend.close()
-        stories_journal.close()
-        rejected_journal.close()
+    writer = _Writer(cfg, recipe, gate, journals, stories, rejected, run)
+    backend = writer.write([(i, spent[i]) for i in todo], log)
     return _summary(cfg, out_dir, stories, rejected, backend=backend, run=run)
+
+
+def _gate_with(cfg: SynthesizeConfig, stories: list[dict], log: logging.Logger) -> tuple[QualityGate, set[int]]:
+    """The quality gate primed with the stories already on disk (for the duplicate check), and their indices."""
+    gate = QualityGate(cfg.quality)
+    accepted: set[int] = set()
+    for record in stories:
+        if record["index"] in accepted:
+            log.warning("synthesize: %s lists story %d twice; keeping both lines", STORIES, record["index"])
+        accepted.add(record["index"])
+        gate.admit(record["text"])
+    beyond = sorted(i for i in accepted if i >= cfg.n)
+    if beyond:
+        log.warning("synthesize: %s already holds %d stories beyond n=%d; they are kept on disk (not counted)",
+                    STORIES, len(beyond), cfg.n)
+    return gate, accepted
+
+
+class _Writer:
+    """One generation run: hands the backend requests, judges each completion and journals it, queues retries."""
+
+    def __init__(self, cfg, recipe, gate, journals, stories, rejected, run):
+        self.cfg, self.recipe, self.gate, self.run = cfg, recipe, gate, run
+        self.journals, self.stories, self.rejected = journals, stories, rejected
+        self.prompts: dict[int, StoryPrompt] = {}
+        self.queue: deque[tuple[int, int]] = deque()
+
+    def next_request(self) -> StoryRequest | None:
+        if not self.queue:
+            return None
+        index, attempt = self.queue.popleft()
+        if index not in self.prompts:
+            self.prompts[index] = story_prompt(self.recipe, self.cfg.seed, index, self.cfg.languages)
+        prompt = self.prompts[index]
+        return StoryRequest(index=index, attempt=attempt, prompt=prompt.prompt, system=prompt.system,
+                            seed=derive_seed("sample", self.cfg.seed, index, attempt))
+
+    def write(self, slots: list[tuple[int, int]], log: logging.Logger) -> StoryBackend:
+        self.queue.extend(slots)
+        started = time.monotonic()
+        # no more slots than stories to write: each llama.cpp slot holds n_ctx cells of KV cache, allocated up front
+        backend = open_backend(self.cfg.model_copy(update={"parallel": min(self.cfg.parallel, len(slots))}))
+        log.info("synthesize: %s backend ready with %s in %.1f s", backend.name, backend.model,
+                 time.monotonic() - started)
+        done, last_log, started = 0, time.monotonic(), time.monotonic()
+        try:
+            for completion in backend.generate(self.next_request):
+                done += self._judge(completion, backend)
+                now = time.monotonic()
+                if now - last_log >= PROGRESS_EVERY_S or done == len(slots):
+                    last_log = now
+                    _log_progress(log, self.run, done, len(slots), now - started)
+        finally:
+            self.run["seconds"] = time.monotonic() - started
+            backend.close()
+            for journal in self.journals:
+                journal.close()
+        return backend
+
+    def _judge(self, completion: Completion, backend: StoryBackend) -> int:
+        """Journal one completion as a story or a rejection; 1 when its slot is finished, 0 when it is retried."""
+        prompt = self.prompts[completion.request.index]
+        verdict = self.gate.judge(completion.text, prompt.language, prompt.words, truncated=completion.truncated)
+        record = _record(completion, prompt, backend, verdict.text, verdict.n_words)
+        self.run["tokens"] += completion.tokens
+        index, attempt = completion.request.index, completion.request.attempt
+        if verdict.accepted:
+            self.gate.admit(verdict.text)
+            self.journals[0].append(record)
+            self.stories.append(record)
+            self.run["accepted"] += 1
+        else:
+            record["reason"] = verdict.reason
+            self.journals[1].append(record)
+            self.rejected.append(record)
+            self.run["rejected"][verdict.reason] += 1
+        if not verdict.accepted and attempt + 1 < self.cfg.max_attempts:
+            self.queue.appendleft((index, attempt + 1))  # the retry goes first, so slots finish roughly in order
+            return 0
+        del self.prompts[index]
+        return 1
 
 
 def _record(completion: Completion, prompt: StoryPrompt, backend: StoryBackend, text: str, n_words: int) -> dict:
@@ -306,9 +255,8 @@ def _summary(
     spent = Counter(r["index"] for r in rejected)
     attempts = len(stories) + len(rejected)
     seconds = run.get("seconds", 0.0)
-    files = {STORIES: _describe(stories_path, len(stories))}
-    if rejected_path.exists():
-        files[REJECTED] = _describe(rejected_path, len(rejected))
+    names = [STORIES] + ([REJECTED] if rejected_path.exists() else [])
+    files = describe_files(out_dir, names, records={STORIES: len(stories), REJECTED: len(rejected)})
     return {
         "n_requested": cfg.n,
         "n_accepted": sum(1 for i in indices if i < cfg.n),  # what downstream reads: slots below n
@@ -333,13 +281,9 @@ def _summary(
     }
 
 
-# --- the Prefect task ---------------------------------------------------------------------------------------------
-from tasks.stage import Stage, prefect_task  # noqa: E402  (kept beside the task so the plain function imports light)
-
 STAGE = Stage(
     name="synthesize",
-    run=lambda cfg, upstream, out_dir, log: synthesize(cfg, out_dir, log),
-    code=("tasks/synthesize.py", "tasks/story_backends.py", "tasks/story_recipes.py", "tasks/story_quality.py"),
+    run=synthesize,
     workdir_ignores=WORKDIR_IGNORES,
     code_in_workdir=False,  # synthesis.json guards the directory; a code edit must not orphan generated stories
     external=generation_identity,

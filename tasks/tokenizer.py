@@ -21,10 +21,11 @@ from typing import Any, Iterator
 
 from model.tokenizer import BOS, EOS, UNK, CharTokenizer, load_tokenizer
 from pipeline_config.schema import TokenizerConfig
-from tasks.artifacts import describe_files, write_atomic, write_json
-from tasks.corpus import corpus
-from tasks.stage import Stage, prefect_task
+from tasks.corpus.reader import corpus
+from tasks.stage import Artifact, Stage, describe_files, prefect_task, write_atomic, write_json
 
+MODEL_FILE = "tokenizer.model"  # SentencePiece
+VOCAB_FILE = "vocab.json"  # character-level
 REPORT = "fertility.json"
 MAX_SENTENCE_BYTES = 16384
 REPORT_WORDS_PER_LANGUAGE = 100_000
@@ -66,7 +67,7 @@ def train_sentencepiece(cfg: TokenizerConfig, texts: list[str], out_dir: Path) -
         num_threads=cfg.num_threads,
         minloglevel=2,
     )
-    write_atomic(out_dir / "tokenizer.model", model.getvalue())
+    write_atomic(out_dir / MODEL_FILE, model.getvalue())
 
 
 def fertility(tokenizer: Any, texts: list[str], num_threads: int = 1) -> dict[str, float]:
@@ -105,11 +106,11 @@ def build_tokenizer(cfg: TokenizerConfig, records: list[dict[str, str]], out_dir
     if not texts:
         raise ValueError("tokenizer: the corpus is empty (acquire and synthesize produced no documents)")
     if cfg.kind == "char":
-        write_json(out_dir / "vocab.json", CharTokenizer.vocabulary(texts))
-        files = ["vocab.json"]
+        write_json(out_dir / VOCAB_FILE, CharTokenizer.vocabulary(texts))
+        files = [VOCAB_FILE]
     else:
         train_sentencepiece(cfg, texts, out_dir)
-        files = ["tokenizer.model"]
+        files = [MODEL_FILE]
     tokenizer = load_tokenizer(out_dir)
     report = fertility_report(tokenizer, records, cfg.num_threads)
     write_json(out_dir / REPORT, report)
@@ -129,9 +130,10 @@ def build_tokenizer(cfg: TokenizerConfig, records: list[dict[str, str]], out_dir
     }
 
 
-STAGE = Stage(
-    name="tokenizer",
-    run=lambda cfg, up, out_dir, log: build_tokenizer(cfg, corpus(up["documents"], up["stories"]), out_dir, log),
-    code=("tasks/tokenizer.py", "tasks/corpus.py", "model/tokenizer.py"),
-)
+def tokenizer(cfg: TokenizerConfig, out_dir: Path, log: logging.Logger, *,
+              acquire: Artifact | None, synthesize: Artifact | None) -> dict[str, Any]:
+    return build_tokenizer(cfg, corpus(acquire, synthesize), out_dir, log)
+
+
+STAGE = Stage(name="tokenizer", run=tokenizer, inputs=("acquire", "synthesize"))
 tokenizer_task = prefect_task(STAGE)

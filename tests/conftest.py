@@ -2,13 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "tinystories-sample" / "stories.jsonl"
 

@@ -48,21 +48,21 @@ def test_every_preset_validates(preset):
 
 
 def test_cache_key_ignores_unrelated_knobs_and_follows_upstream(tmp_path):
-    from tasks.artifacts import Artifact
+    from tasks.stage import Artifact
     from tasks.tokenizer import STAGE as TOKENIZER
     from tasks.train import STAGE as TRAIN
 
     base = load_config("quickstart")
     changed = load_config("quickstart", ["train.max_steps=300", "evaluate.temperature=0.1"])
     docs = Artifact("acquire", tmp_path, "a" * 64)
-    assert TOKENIZER.key(base.tokenizer, {"documents": docs}) == TOKENIZER.key(changed.tokenizer, {"documents": docs})
-    assert TRAIN.key(base.train, {"shards": docs}) != TRAIN.key(changed.train, {"shards": docs})
+    assert TOKENIZER.key(base.tokenizer, {"acquire": docs, "synthesize": None}) == TOKENIZER.key(changed.tokenizer, {"acquire": docs, "synthesize": None})
+    assert TRAIN.key(base.train, {"shard": docs}) != TRAIN.key(changed.train, {"shard": docs})
     other_docs = Artifact("acquire", tmp_path, "b" * 64)
-    assert TOKENIZER.key(base.tokenizer, {"documents": docs}) != TOKENIZER.key(base.tokenizer, {"documents": other_docs})
+    assert TOKENIZER.key(base.tokenizer, {"acquire": docs, "synthesize": None}) != TOKENIZER.key(base.tokenizer, {"acquire": other_docs, "synthesize": None})
 
 
 def test_fingerprint_follows_file_contents_not_timings(tmp_path):
-    from tasks.artifacts import load_artifact, write_manifest
+    from tasks.stage import load_artifact, write_manifest
 
     files = {"x.bin": {"bytes": 3, "sha256": "a" * 64}}
     first = write_manifest(tmp_path / "a", "train", {"config": {"k": 1}, "files": files, "train_seconds": 1.0})

@@ -14,8 +14,9 @@ import pytest
 
 from pipeline_config.schema import AcquireConfig, ShardConfig, SourceConfig, TokenizerConfig
 from tasks.acquire import AcquireError, acquire, download, normalize
-from tasks.artifacts import write_manifest
-from tasks.shard import frame_documents, load_split, shard_corpus, split_of
+from tasks.stage import write_manifest
+from tasks.corpus.reader import load_split
+from tasks.shard import frame_documents, shard_corpus, split_of
 from tasks.tokenizer import build_tokenizer
 from tests.loopback import LoopbackServer, send_range
 

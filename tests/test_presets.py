@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline_config import load_config
-from tasks.train import train
+from tasks.training.loop import train
 
 SEEDS = ["mnemos-0.1", "alexandria", "mini-llm", "ys-71m", "mini-transformer"]
 CHAR_VOCAB = 96  # what a character-level tokenizer learns from English prose
@@ -34,7 +34,7 @@ def test_seed_preset_builds_trains_and_generates(preset, tmp_path):
 
 def test_alexandria_is_about_nine_million_parameters():
     from model import build_model
-    from tasks.train import model_config
+    from tasks.training.loop import model_config
 
     cfg = load_config("alexandria")
     params = build_model(model_config(cfg.train, cfg.tokenizer.vocab_size)).num_params(non_embedding=False)

@@ -11,9 +11,11 @@ import pytest
 from pydantic import ValidationError
 
 from pipeline_config.synthesize import QualityConfig, SynthesizeConfig
-from tasks.story_backends import LlamaCppBackend, StoryRequest, sample_token, top_superset
-from tasks.story_quality import detect_language, words
-from tasks.story_recipes import load_recipe, story_prompt
+from tasks.synthesis.backend import StoryRequest
+from tasks.synthesis.llamacpp import LlamaCppBackend
+from tasks.synthesis.sampling import sample_token, top_superset
+from tasks.synthesis.quality import detect_language, words
+from tasks.synthesis.recipes import load_recipe, story_prompt
 from tasks.synthesize import REJECTED, STORIES, SynthesizeError, synthesize
 from tests.ollama_double import OllamaDouble
 

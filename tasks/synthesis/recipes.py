@@ -23,9 +23,9 @@ from typing import Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.story_backends import SynthesizeError
+from tasks.synthesis.backend import SynthesizeError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "pipeline_config" / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "pipeline_config" / "recipes"
 TEMPLATE_FIELDS = frozenset({"age", "verb", "noun", "adjective", "features"})
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline_config.synthesize import QualityConfig
-from tasks.story_quality import (
+from tasks.synthesis.quality import (
     NearDuplicateIndex,
     QualityGate,
     detect_language,

@@ -1,0 +1,61 @@
+"""Data-parallel training under `torchrun`: process-group setup, a clock every rank agrees on, and the launch entry.
+
+Every rank draws the same global batch and trains on its own slice of it (`Windows.batch(part=...)`), so DDP's
+gradient averaging gives exactly the single-process update for the same global batch. Time-based decisions (the
+`max_seconds` budget, the schedule it drives) use rank 0's clock, broadcast once per step, so ranks never disagree on
+when to stop.
+
+    torchrun --nproc_per_node N -m tasks.train CONFIG.json SHARD_DIR OUT_DIR
+
+writes the same artifact the train stage writes (weights, model config, metrics, `manifest.json`), so evaluate and
+register can use it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); joins the process group torchrun set up (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world
+
+
+def agreed_elapsed(started: float, world: int, device: torch.device) -> float:
+    """Seconds since `started` by rank 0's clock, so every rank takes the same time-based decisions."""
+    elapsed = time.perf_counter() - started
+    if world > 1:
+        value = torch.tensor([elapsed], dtype=torch.float64, device=device)  # NCCL only moves device tensors
+        torch.distributed.broadcast(value, src=0)
+        elapsed = float(value.item())
+    return elapsed
+
+
+def torchrun_main(argv: list[str]) -> None:
+    """`CONFIG.json SHARD_DIR OUT_DIR`: the train stage's function on every rank; rank 0 writes the artifact."""
+    from pipeline_config.schema import TrainConfig
+    from tasks.stage import key_upstream, load_artifact, write_manifest
+    from tasks.train import train_stage
+
+    config_file, shard_dir, out_dir = argv
+    cfg = TrainConfig.model_validate_json(Path(config_file).read_text())
+    shard = load_artifact(Path(shard_dir), "shard")
+    if shard is None:
+        raise SystemExit(f"{shard_dir} is not a finished shard artifact (no manifest.json)")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = Path(out_dir)
+    fields = train_stage(cfg, out, logging.getLogger("scriptorium.train"), shard=shard)
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_manifest(out, "train", {"config": cfg.model_dump(mode="json"), "upstream": key_upstream({"shard": shard}),
+                                      **fields})
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

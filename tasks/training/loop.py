@@ -1,0 +1,292 @@
+"""The training loop: fit a model on a flat token array, resuming exactly from its checkpoints.
+
+Exact resumption is by construction rather than by bookkeeping: the batch for (step, micro-step) is drawn from a numpy
+generator seeded with (seed, step, micro-step), so "where we were in the data" is just the step number, and the torch
+RNG state (dropout) is saved with the weights and optimizer moments. A run killed at any point and restarted therefore
+ends with the same weights as one that was never interrupted (bit-for-bit in deterministic mode).
+
+The loop's periodic validation loss is an *estimate* (random windows, `eval_batches` of them) for early stopping and
+the curve; it is logged as `val_loss_estimate`. The figures of record come from the evaluate stage.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from model import ModelConfig, build_model
+from pipeline_config.schema import TrainConfig
+from tasks.stage import read_jsonl, write_atomic
+from tasks.training.checkpoints import CHECKPOINTS, load_checkpoint, save_checkpoint
+from tasks.training.devices import autocast, autocast_dtype, pick_device
+from tasks.training.distributed import agreed_elapsed, init_distributed
+from tasks.training.emissions import emissions_tracker
+
+METRICS = "metrics.jsonl"
+TRAIN_STREAM, EVAL_STREAM = 0, 1  # first element of every window key: training and evaluation never share draws
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+class Windows:
+    """Random (x, y) windows of a flat token array; the draw for a given key is always the same."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, seed: int):
+        if tokens.size <= block_size + 1:
+            raise ValueError(
+                f"only {tokens.size} tokens for a context of {block_size}: lower train.model.block_size or add data"
+            )
+        self.tokens, self.block_size, self.seed = tokens, block_size, seed
+        self.offsets = np.arange(block_size + 1)
+
+    def batch(self, batch_size: int, *key: int, part: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global batch for `key`; `part=(rank, world)` returns this rank's slice of it."""
+        rng = np.random.default_rng([self.seed, *key])
+        starts = rng.integers(0, self.tokens.size - self.block_size - 1, size=batch_size * part[1])
+        starts = starts[part[0] * batch_size : (part[0] + 1) * batch_size]
+        window = torch.from_numpy(self.tokens[starts[:, None] + self.offsets].astype(np.int64))
+        return window[:, :-1], window[:, 1:]
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, windows: Windows, batches: int, batch_size: int, device: torch.device, dtype) -> float:
+    """Mean cross-entropy over a fixed set of windows (the same ones at every evaluation)."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for i in range(batches):
+        x, y = windows.batch(batch_size, EVAL_STREAM, i)
+        with autocast(device, dtype):
+            _, loss = model(x.to(device), y.to(device))
+        total += loss.item()
+    model.train(was_training)
+    return total / batches
+
+
+def learning_rate(cfg: TrainConfig, step: int, elapsed: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to `min_lr_ratio` of the peak at `max_steps`, or at `max_seconds` of
+    training (`elapsed`) if that comes first, so a time-budgeted run still ends on a decayed rate."""
+    peak = cfg.learning_rate
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    span = max(cfg.max_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    if cfg.max_seconds:
+        progress = max(progress, min(elapsed / cfg.max_seconds, 1.0))
+    floor = peak * cfg.min_lr_ratio
+    return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (peak - floor)
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        elif isinstance(getattr(module, "dropout", None), float):  # attention's SDPA dropout_p
+            module.dropout = p
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    return ModelConfig(**cfg.model.model_dump(), vocab_size=vocab_size)
+
+
+@dataclass
+class Session:
+    """Everything set up before the first step, and the counters the loop advances."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype | None
+    mcfg: ModelConfig
+    model: nn.Module
+    runner: nn.Module
+    optimizer: torch.optim.Optimizer
+    checkpoints: Path
+    start: int
+    done: int
+    best_val: float
+    stale: int
+    last_loss: float = math.nan
+    stopped_early: bool = False
+    out_of_time: bool = False
+    elapsed: float = 0.0  # by rank 0's clock, read once per step (a broadcast under DDP) when a time budget is set
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum_steps * self.world * self.mcfg.block_size
+
+
+def _session(cfg: TrainConfig, vocab_size: int, out_dir: Path) -> Session:
+    """Process group, threads, seeds, device and dtype, the model and optimizer, restored from the last checkpoint."""
+    rank, world = init_distributed()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(cfg.seed + rank)
+    device = pick_device(cfg.device)
+    mcfg = model_config(cfg, vocab_size)
+    model = build_model(mcfg).to(device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+    checkpoints = out_dir / CHECKPOINTS
+    meta = load_checkpoint(checkpoints, model, optimizer, device) or {}
+    runner: nn.Module = model
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        runner = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if cfg.compile:
+        runner = torch.compile(runner)  # after DDP, so the compiler sees DDP's bucket boundaries
+    start = meta.get("step", 0)
+    return Session(cfg, rank, world, device, autocast_dtype(cfg.dtype, device), mcfg, model, runner, optimizer,
+                   checkpoints, start, start, meta.get("best_val", math.inf), meta.get("stale", 0))
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Rows a killed run logged after its last checkpoint are re-done now: keep only rows up to `step`."""
+    if path.is_file():
+        rows = [row for row in read_jsonl(path) if row.get("step", 0) <= step]
+        write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _append_metrics(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def train(
+    cfg: TrainConfig, tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int, out_dir: Path, log: logging.Logger
+) -> tuple[dict[str, Any], nn.Module]:
+    """Train to `cfg.max_steps` (resuming from `out_dir/checkpoints`); returns the summary and the model."""
+    s = _session(cfg, vocab_size, out_dir)
+    if s.leader:
+        log.info(
+            "train: %s, %.2fM parameters (%.2fM non-embedding), device %s, %s, %s",
+            s.mcfg.arch, s.model.num_params(non_embedding=False) / 1e6, s.model.num_params() / 1e6, s.device,
+            "bf16 autocast" if s.dtype else "fp32", f"resuming at step {s.start}" if s.start else "from scratch",
+        )
+        _drop_rows_after(out_dir / METRICS, s.start)
+    windows = Windows(tokens, s.mcfg.block_size, cfg.seed), Windows(val_tokens, s.mcfg.block_size, cfg.seed)
+    tracker = emissions_tracker(cfg.track_emissions, cfg.country_iso_code, out_dir) if s.leader else None
+    if tracker:
+        tracker.start()
+    started = time.perf_counter()
+    try:
+        _loop(s, windows, out_dir / METRICS, log)
+    finally:
+        emissions = tracker.stop() if tracker else None
+    return _summary(s, time.perf_counter() - started, tracker, emissions), s.model
+
+
+def _loop(s: Session, windows: tuple[Windows, Windows], metrics_path: Path, log: logging.Logger) -> None:
+    cfg = s.cfg
+    started = time.perf_counter()
+    logged = [s.start, started]  # (step, time) of the last progress line: the rate shown is recent, not average
+    s.model.train()
+    for step in range(s.start, cfg.max_steps):
+        lr = learning_rate(cfg, step, s.elapsed)
+        for group in s.optimizer.param_groups:
+            group["lr"] = lr
+        if cfg.dropout_final is not None:
+            set_dropout(s.model, cfg.model.dropout + (cfg.dropout_final - cfg.model.dropout) * step / cfg.max_steps)
+        s.last_loss, s.done = _step(s, windows[0], step), step + 1
+        row: dict[str, Any] = {"step": s.done, "loss": s.last_loss, "lr": lr}
+        if s.done % cfg.eval_interval == 0 or s.done == cfg.max_steps:
+            row["val_loss_estimate"] = _estimate_val(s, windows[1])
+        if cfg.max_seconds is not None:
+            s.elapsed = agreed_elapsed(started, s.world, s.device)
+            s.out_of_time = s.elapsed >= cfg.max_seconds
+        s.stopped_early = s.stopped_early or s.out_of_time
+        if s.leader:
+            _append_metrics(metrics_path, row)
+            _log_progress(s, row, logged, log)
+            if s.done % cfg.checkpoint_interval == 0 or s.done == cfg.max_steps or s.stopped_early:
+                save_checkpoint(s.checkpoints, s.done, s.model, s.optimizer, {"best_val": s.best_val, "stale": s.stale})
+        if s.stopped_early:
+            reason = f"{cfg.max_seconds:.0f} s budget spent" if s.out_of_time else \
+                f"no val improvement in {s.stale} evaluations"
+            log.info("train: early stop at step %d (%s)", s.done, reason)
+            return
+
+
+def _step(s: Session, windows: Windows, step: int) -> float:
+    """One optimizer step over `grad_accum_steps` micro-batches; returns the step's loss."""
+    cfg, step_loss = s.cfg, 0.0
+    for micro in range(cfg.grad_accum_steps):
+        x, y = windows.batch(cfg.batch_size, TRAIN_STREAM, step, micro, part=(s.rank, s.world))
+        sync = s.world == 1 or micro == cfg.grad_accum_steps - 1
+        with (contextlib.nullcontext() if sync else s.runner.no_sync()), autocast(s.device, s.dtype):
+            _, loss = s.runner(x.to(s.device, non_blocking=True), y.to(s.device, non_blocking=True))
+            loss = loss / cfg.grad_accum_steps
+        loss.backward()
+        step_loss += loss.item()
+    if not math.isfinite(step_loss):
+        pointer = s.checkpoints / "latest.json"
+        good = json.loads(pointer.read_text())["path"] if pointer.is_file() else "none"
+        raise TrainingDiverged(
+            f"loss became {step_loss} at step {step + 1}; last good checkpoint: {s.checkpoints / good}. "
+            "Lower train.learning_rate or raise train.warmup_steps, then re-run (it resumes from there)."
+        )
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.grad_clip)
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
+def _estimate_val(s: Session, windows: Windows) -> float:
+    """The loop's validation estimate (global batch: the same windows at any world size); drives early stopping."""
+    val = mean_loss(s.model, windows, s.cfg.eval_batches, s.cfg.batch_size * s.world, s.device, s.dtype)
+    s.best_val, s.stale = (val, 0) if val < s.best_val else (s.best_val, s.stale + 1)
+    if s.cfg.early_stopping_patience and s.stale >= s.cfg.early_stopping_patience:
+        s.stopped_early = True
+    return val
+
+
+def _log_progress(s: Session, row: dict[str, Any], logged: list, log: logging.Logger) -> None:
+    cfg, done = s.cfg, s.done
+    if not (done % cfg.log_interval == 0 or "val_loss_estimate" in row or done == cfg.max_steps):
+        return
+    now = time.perf_counter()
+    rate = (done - logged[0]) * s.tokens_per_step / max(now - logged[1], 1e-9)
+    logged[:] = [done, now]
+    eta = (cfg.max_steps - done) * s.tokens_per_step / max(rate, 1e-9)
+    val = f" val~{row['val_loss_estimate']:.4f}" if "val_loss_estimate" in row else ""
+    log.info("train: step %d/%d loss %.4f%s lr %.2e %.0f tok/s eta %.0fs", done, cfg.max_steps, row["loss"], val,
+             row["lr"], rate, eta)
+
+
+def _summary(s: Session, seconds: float, tracker, emissions) -> dict[str, Any]:
+    return {
+        "model_config": s.mcfg.model_dump(),
+        "parameters": s.model.num_params(non_embedding=False),
+        "non_embedding_parameters": s.model.num_params(),
+        "device": str(s.device),
+        "dtype": "bfloat16" if s.dtype else "float32",
+        "world_size": s.world,
+        "steps": s.done,
+        "resumed_from": s.start,
+        "final_train_loss": s.last_loss,
+        "best_val_loss_estimate": s.best_val,
+        "early_stopped": s.stopped_early,
+        "tokens_per_s": (s.done - s.start) * s.tokens_per_step / max(seconds, 1e-9),
+        "train_seconds": seconds,
+        "energy_kwh": tracker.final_emissions_data.energy_consumed if tracker else None,
+        "emissions_kg_co2eq": emissions,
+    }
