@@ -34,21 +34,48 @@ class SourceConfig(Section):
     endpoint: str = Field("https://huggingface.co", description="kind=hf: the hub, or a mirror of its HTTP API")
     token_env: str = Field("HF_TOKEN", description="kind=hf: environment variable holding a token for gated or "
                            "private datasets (sent to the hub only, never written anywhere)")
-    text_field: str = Field("text", description="field holding the text in JSONL / hub rows")
-    language: str = Field("en", description="ISO 639-1 code, used by the per-language fertility report")
+    text_field: str = Field("text", description="field (JSON) or column (Parquet) holding the text")
+    language: str = Field("en", pattern=r"^[A-Za-z0-9_-]+$", description="ISO 639-1 code: the tokenizer samples, "
+                          "the shard stage splits and evaluate reports each language on its own")
+    format: Literal["auto", "jsonl", "json", "txt", "parquet"] = Field(
+        "auto", description="auto: from the file name (.jsonl, .json array, .txt, .parquet; each optionally .gz/.zst)")
+    split_by: Literal["file", "paragraph", "line", "separator"] | None = Field(
+        None, description="how a .txt file becomes documents: the whole file, blank-line paragraphs (the default), "
+        "lines, or `separator` (the default when a separator is given)")
+    separator: str | None = Field(None, min_length=1, description="document separator, e.g. '<|endoftext|>'")
+    encoding: str = Field("utf-8", description="text encoding of .txt/.jsonl/.json files (a BOM is always stripped)")
+    errors: Literal["strict", "replace"] = Field(
+        "strict", description="strict: an invalid byte stops acquire, naming file, line and byte offset; replace: "
+        "it becomes U+FFFD and is counted in the manifest")
 
     @model_validator(mode="after")
     def _needs_location(self) -> "SourceConfig":
         needed = {"local": "path", "http": "url", "hf": "dataset"}[self.kind]
         if getattr(self, needed) is None:
             raise ValueError(f"a source of kind '{self.kind}' needs '{needed}'")
+        if self.split_by == "separator" and self.separator is None:
+            raise ValueError("split_by 'separator' needs 'separator' (e.g. '<|endoftext|>')")
+        try:
+            newline_is_a_byte = "\n".encode(self.encoding) == b"\n"
+        except LookupError:
+            raise ValueError(f"unknown encoding '{self.encoding}' (e.g. utf-8, latin-1, cp1252)") from None
+        if not newline_is_a_byte:
+            raise ValueError(f"encoding '{self.encoding}' is not ASCII-compatible (UTF-16/32): convert the file to "
+                             "UTF-8 first")
         return self
+
+    @property
+    def document_split(self) -> str:
+        return self.split_by or ("separator" if self.separator is not None else "paragraph")
 
 
 class AcquireConfig(Section):
     sources: list[SourceConfig] = Field(default_factory=list)
-    byte_budget: int | None = Field(None, gt=0, description="keep whole documents until this many UTF-8 bytes")
+    byte_budget: int | None = Field(None, gt=0, description="keep whole documents until this many UTF-8 bytes; "
+                                    "reading stops there")
     min_chars: int = Field(1, ge=1, description="drop documents shorter than this after normalisation")
+    batch_bytes: int = Field(4_000_000, ge=1, description="documents are written in row groups of about this many "
+                             "bytes; a row group is one unit of the shard stage's mapped work")
 
 
 class TokenizerConfig(Section):

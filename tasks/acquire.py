@@ -2,35 +2,49 @@
 
 Normalisation is deliberately small and lossless for prose: strip a BOM, turn CRLF/CR into LF, apply Unicode NFC
 (so "é" is one code point whatever the editor wrote, which keeps the tokenizer from learning two spellings of the
-same letter). The byte budget is applied at a document boundary, never mid-document, so every kept document is whole.
+same letter). Exact duplicates (same normalised text) are dropped and counted.
 
-Where documents come from is `tasks/corpus/`: the file formats (`formats.py`) and downloads that resume and verify
-(`download.py`).
+It streams: documents are read, normalised and written a row group at a time (`batch_bytes`), so memory does not
+grow with the corpus, and reading stops at the byte budget, which is applied at a document boundary (every kept
+document is whole; the rest of a large file is never read). Each row is stored with its 64-bit content hash, from
+which every later choice about the document is made (`tasks/corpus/sampling.py`); duplicates are found on those
+hashes, 8 bytes per document kept.
+
+Where documents come from is `tasks/corpus/`: the file formats and encodings (`formats.py`) and downloads that resume
+and verify (`download.py`).
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import unicodedata
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline_config.schema import AcquireConfig, SourceConfig
 from tasks.corpus.download import AcquireError, download, hub_files
-from tasks.corpus.formats import documents_from, resolve_local
+from tasks.corpus.formats import FileReport, documents_from, resolve_local
+from tasks.corpus.sampling import content_hashes
 from tasks.stage import Stage, atomic_path, describe_files, prefect_task
 
 __all__ = ["AcquireError", "DOCUMENTS", "acquire", "download", "normalize"]
 
 DOCUMENTS = "documents.parquet"
+SCHEMA = pa.schema([("text", pa.string()), ("source", pa.string()), ("language", pa.string()), ("hash", pa.uint64())])
+CANDIDATES = 2048  # documents normalised, hashed and checked for duplicates together
 
 
 def normalize(text: str) -> str:
     text = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-    return unicodedata.normalize("NFC", text).strip()
+    if not unicodedata.is_normalized("NFC", text):
+        text = unicodedata.normalize("NFC", text)
+    return text.strip()
 
 
 def _source_files(source: SourceConfig, out_dir: Path, log: logging.Logger) -> list[Path]:
@@ -43,43 +57,111 @@ def _source_files(source: SourceConfig, out_dir: Path, log: logging.Logger) -> l
     return hub_files(source, out_dir, log)
 
 
+class SeenHashes:
+    """The content hashes of the documents kept so far, 8 bytes each, in sorted runs that merge as they grow (a
+    log-structured merge): a lookup is one binary search per run, and there are at most log2(n) runs."""
+
+    def __init__(self) -> None:
+        self.runs: list[np.ndarray] = []
+
+    def first_seen(self, hashes: np.ndarray) -> np.ndarray:
+        """Which of `hashes` were never seen before (the first of equal ones within `hashes` counts); records them."""
+        new = np.zeros(hashes.size, dtype=bool)
+        new[np.unique(hashes, return_index=True)[1]] = True
+        for run in self.runs:
+            at = np.searchsorted(run, hashes).clip(max=run.size - 1)
+            new &= run[at] != hashes
+        if new.any():
+            self.runs.append(np.sort(hashes[new]))
+        while len(self.runs) > 1 and self.runs[-2].size <= self.runs[-1].size:
+            self.runs[-2:] = [np.sort(np.concatenate(self.runs[-2:]))]
+        return new
+
+
+class DocumentWriter:
+    """Keeps documents under the byte budget, skipping short ones and duplicates, and writes them a row group at a
+    time; `offer` returns False once the budget is reached."""
+
+    def __init__(self, writer: pq.ParquetWriter, cfg: AcquireConfig):
+        self.writer, self.cfg, self.seen = writer, cfg, SeenHashes()
+        self.rows: dict[str, list] = {name: [] for name in SCHEMA.names}
+        self.pending = self.total = self.row_groups = 0
+        self.counts: Counter[str] = Counter()
+        self.languages: dict[str, Counter[str]] = {}
+        self.full = False
+
+    def offer(self, raw: list[str], language: str, origin: str) -> bool:
+        texts = [t for t in map(normalize, raw) if len(t) >= self.cfg.min_chars]
+        self.counts["dropped_short"] += len(raw) - len(texts)
+        hashes = content_hashes(texts)
+        for text, digest, new in zip(texts, hashes.tolist(), self.seen.first_seen(hashes)):
+            if not new:
+                self.counts["duplicates"] += 1
+                continue
+            size = len(text.encode("utf-8"))
+            if self.cfg.byte_budget is not None and self.total + size > self.cfg.byte_budget:
+                self.full = True
+                return False
+            for name, value in zip(SCHEMA.names, (text, origin, language, digest)):
+                self.rows[name].append(value)
+            self.total, self.pending = self.total + size, self.pending + size
+            self.languages.setdefault(language, Counter()).update(documents=1, bytes=size)
+            if self.pending >= self.cfg.batch_bytes:
+                self.flush()
+        return True
+
+    @property
+    def kept(self) -> int:
+        return sum(c["documents"] for c in self.languages.values())
+
+    def flush(self) -> None:
+        if self.rows["text"]:
+            self.writer.write_table(pa.table(self.rows, schema=SCHEMA), row_group_size=len(self.rows["text"]))
+            self.row_groups += 1
+        self.rows, self.pending = {name: [] for name in SCHEMA.names}, 0
+
+
+def _read_file(path: Path, source: SourceConfig, documents: DocumentWriter, log: logging.Logger) -> None:
+    report = FileReport()
+    stream: Iterator[str] = documents_from(path, source, report)
+    try:
+        while group := list(itertools.islice(stream, CANDIDATES)):
+            if not documents.offer(group, source.language, path.name):
+                break
+    finally:
+        stream.close()  # stops reading the file where the budget was reached
+    if report.replaced:
+        documents.counts[f"replaced:{path.name}"] += report.replaced
+        log.warning("acquire: %s: %d invalid %s byte sequences replaced by U+FFFD (errors: replace)",
+                    path.name, report.replaced, source.encoding)
+
+
 def acquire(cfg: AcquireConfig, out_dir: Path, log: logging.Logger | None = None) -> dict[str, Any]:
     log = log or logging.getLogger(__name__)
-    texts: list[str] = []
-    origins: list[str] = []
-    languages: list[str] = []
-    total = 0
-    dropped = 0
-    full = False
-    for source in cfg.sources:
-        for path in _source_files(source, out_dir, log):
-            for raw in documents_from(path, source):
-                text = normalize(raw)
-                if len(text) < cfg.min_chars:
-                    dropped += 1
-                    continue
-                size = len(text.encode("utf-8"))
-                if cfg.byte_budget is not None and total + size > cfg.byte_budget:
-                    full = True
+    with atomic_path(out_dir / DOCUMENTS) as tmp, pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
+        documents = DocumentWriter(writer, cfg)
+        for source in cfg.sources:
+            for path in _source_files(source, out_dir, log):
+                _read_file(path, source, documents, log)
+                log.info("acquire: %s -> %d documents, %.2f MB so far", path.name, documents.kept,
+                         documents.total / 1e6)
+                if documents.full:
                     break
-                texts.append(text)
-                origins.append(str(path.name))
-                languages.append(source.language)
-                total += size
-            log.info("acquire: %s -> %d documents, %.2f MB so far", path.name, len(texts), total / 1e6)
-            if full:
+            if documents.full:
+                log.info("acquire: byte budget of %d reached; stopped at a document boundary", cfg.byte_budget)
                 break
-        if full:
-            log.info("acquire: byte budget of %d reached; stopped at a document boundary", cfg.byte_budget)
-            break
-    table = pa.table({"text": texts, "source": origins, "language": languages})
-    with atomic_path(out_dir / DOCUMENTS) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        documents.flush()
+    counts = documents.counts
+    replaced = {key.split(":", 1)[1]: n for key, n in counts.items() if key.startswith("replaced:")}
     return {
-        "documents": len(texts),
-        "bytes": total,
-        "dropped_short": dropped,
-        "budget_reached": full,
+        "documents": documents.kept,
+        "bytes": documents.total,
+        "dropped_short": counts["dropped_short"],
+        "duplicates": counts["duplicates"],
+        "replaced_characters": replaced,
+        "budget_reached": documents.full,
+        "row_groups": documents.row_groups,
+        "languages": {lang: dict(c) for lang, c in sorted(documents.languages.items())},
         "files": describe_files(out_dir, [DOCUMENTS]),
     }
 

@@ -1,0 +1,153 @@
+"""Documents out of real files: formats, compression, text splitting, encodings, duplicates, streaming."""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import tasks.corpus.formats as formats
+from pipeline_config.schema import AcquireConfig, SourceConfig
+from tasks.acquire import SeenHashes, acquire
+from tasks.corpus.download import AcquireError
+from tasks.corpus.formats import FileReport, documents_from
+
+LOG = logging.getLogger("test")
+FABLES = ["Le corbeau et le renard.\nMaître corbeau, sur un arbre perché,", "Tenait en son bec un fromage.",
+          "Maître renard, par l'odeur alléché,\nLui tint à peu près ce langage :", "« Hé ! bonjour, Monsieur du Corbeau. »"]
+
+
+def docs(path: Path, **source) -> list[str]:
+    return list(documents_from(path, SourceConfig(path=str(path), **source)))
+
+
+def _zst(path: Path, data: bytes) -> Path:
+    with pa.output_stream(str(path), compression="zstd") as out:
+        out.write(data)
+    return path
+
+
+@pytest.mark.parametrize("block", [7, 1 << 22])  # tiny blocks cut lines, CRLFs, separators and JSON mid-way
+def test_a_french_txt_with_cr_endings_and_a_bom_becomes_paragraphs(tmp_path, monkeypatch, block):
+    monkeypatch.setattr(formats, "BLOCK", block)
+    text = "\ufeff" + "\r\r".join(p.replace("\n", "\r") for p in FABLES) + "\r"
+    path = tmp_path / "fables.txt"
+    path.write_bytes(text.encode("utf-8"))
+    assert [d.strip() for d in docs(path)] == FABLES
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(("\ufeff" + "\r\n \r\n".join(FABLES).replace("\n", "\r\n")).encode())
+    assert [d.strip().replace("\r", "") for d in docs(crlf)] == FABLES
+    assert docs(path, split_by="line")[0] == "Le corbeau et le renard."
+    assert len(docs(path, split_by="line")) == 6
+    assert len(docs(path, split_by="file")) == 1
+
+
+@pytest.mark.parametrize("block", [5, 1 << 22])
+def test_separator_split_and_every_format_compressed_or_not(tmp_path, monkeypatch, block):
+    monkeypatch.setattr(formats, "BLOCK", block)
+    stories = [f"Story {i}.\n\nIt has two paragraphs, {i}." for i in range(5)]
+    sep = "<|endoftext|>"
+    raw = ("\n" + sep + "\n").join(stories) + "\n" + sep + "\n"
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(raw.encode()))
+    _zst(tmp_path / "b.txt.zst", raw.encode())
+    assert [d.strip() for d in docs(tmp_path / "a.txt.gz", separator=sep)] == stories
+    assert [d.strip() for d in docs(tmp_path / "b.txt.zst", split_by="separator", separator=sep)] == stories
+    (tmp_path / "c.jsonl.zst").unlink(missing_ok=True)
+    _zst(tmp_path / "c.jsonl.zst", "".join(json.dumps({"text": s}) + "\n" for s in stories).encode())
+    (tmp_path / "d.json.gz").write_bytes(gzip.compress(json.dumps([{"text": s, "n": i} for i, s in
+                                                                    enumerate(stories)], indent=2).encode()))
+    pq.write_table(pa.table({"id": list(range(5)), "content": stories}), tmp_path / "e.parquet")
+    assert docs(tmp_path / "c.jsonl.zst") == stories
+    assert docs(tmp_path / "d.json.gz") == stories
+    assert docs(tmp_path / "e.parquet", text_field="content") == stories
+    (tmp_path / "f.data").write_text(json.dumps({"text": "x"}))
+    assert docs(tmp_path / "f.data", format="jsonl") == ["x"]
+    with pytest.raises(AcquireError, match="format"):
+        docs(tmp_path / "f.data")
+
+
+def test_invalid_bytes_name_file_line_and_offset_unless_replaced_and_counted(tmp_path, caplog):
+    path = tmp_path / "latin.txt"
+    data = "première ligne\n\ndeuxième\n".encode() + "troisième écrite en latin-1\n".encode("latin-1")
+    path.write_bytes(data)
+    offset = data.index(b"\xe8")
+    with pytest.raises(AcquireError, match=rf"latin\.txt: line 4, byte offset {offset}: .*not valid utf-8.*encoding"):
+        docs(path)
+    report = FileReport()
+    got = list(documents_from(path, SourceConfig(path=str(path), errors="replace"), report))
+    assert report.replaced == 2 and got[-1] == "deuxième\ntroisi\ufffdme \ufffdcrite en latin-1\n"
+    assert docs(path, encoding="latin-1")[0] == "premiÃ¨re ligne"  # what it is read as when the encoding is wrong
+    caplog.set_level(logging.WARNING)
+    summary = acquire(AcquireConfig(sources=[SourceConfig(path=str(path), errors="replace")]), tmp_path, LOG)
+    assert summary["replaced_characters"] == {"latin.txt": 2}
+    assert "2 invalid utf-8 byte sequences replaced" in caplog.text
+
+
+def test_null_or_non_string_text_names_the_line(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "fine"}\n{"text": null}\n')
+    with pytest.raises(AcquireError, match=r"a\.jsonl:2: 'text' is null, not text"):
+        docs(tmp_path / "a.jsonl")
+    (tmp_path / "b.json").write_text('[\n  {"text": "fine"},\n  {"text": 3}\n]')
+    with pytest.raises(AcquireError, match=r"b\.json:3: 'text' is int, not text"):
+        docs(tmp_path / "b.json")
+    (tmp_path / "c.json").write_text('[{"text": "fine"}, {"text": "cut')
+    with pytest.raises(AcquireError, match="not valid JSON"):
+        docs(tmp_path / "c.json")
+    pq.write_table(pa.table({"text": ["a", "b", None]}), tmp_path / "d.parquet")
+    with pytest.raises(AcquireError, match=r"d\.parquet: row 3: 'text' is null"):
+        docs(tmp_path / "d.parquet")
+    first = next(documents_from(tmp_path / "a.jsonl", SourceConfig(path="a.jsonl")))
+    assert first == "fine"  # the BOM did not break the first line
+
+
+def test_duplicates_are_dropped_and_counted_and_row_groups_follow_batch_bytes(tmp_path):
+    texts = [f"document {i} " + "x" * 50 for i in range(40)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts + texts[:5]))
+    (tmp_path / "b.txt").write_text("\n\n".join(texts[10:13] + ["new one"]))
+    cfg = AcquireConfig(sources=[SourceConfig(path=str(tmp_path / "a.jsonl")),
+                                 SourceConfig(path=str(tmp_path / "b.txt"), language="fr")], batch_bytes=500)
+    summary = acquire(cfg, tmp_path, LOG)
+    table = pq.read_table(tmp_path / "documents.parquet")
+    assert summary["duplicates"] == 8 and summary["documents"] == table.num_rows == 41
+    assert len(set(table.column("hash").to_pylist())) == 41
+    assert summary["languages"] == {"en": {"documents": 40, "bytes": sum(len(t) for t in texts)},
+                                    "fr": {"documents": 1, "bytes": 7}}
+    assert pq.ParquetFile(tmp_path / "documents.parquet").num_row_groups == summary["row_groups"] > 4
+
+
+def test_reading_stops_at_the_byte_budget(tmp_path, monkeypatch):
+    """Past the budget the file holds an invalid byte: reading it would fail, so passing proves it was not read."""
+    monkeypatch.setattr(formats, "BLOCK", 1 << 12)
+    path = tmp_path / "big.txt"
+    path.write_bytes("\n\n".join(f"paragraph {i} " + "y" * 80 for i in range(3000)).encode() + b"\n\n\xff\n")
+    summary = acquire(AcquireConfig(sources=[SourceConfig(path=str(path))], byte_budget=50_000), tmp_path, LOG)
+    assert summary["budget_reached"] and 49_000 < summary["bytes"] <= 50_000
+    with pytest.raises(AcquireError, match="byte offset"):
+        acquire(AcquireConfig(sources=[SourceConfig(path=str(path))]), tmp_path / "all", LOG)
+
+
+def test_seen_hashes_matches_a_set():
+    rng = np.random.default_rng(0)
+    seen, reference = SeenHashes(), set()
+    for _ in range(50):
+        group = rng.integers(0, 3000, size=200).astype(np.uint64)
+        expected = []
+        for value in group.tolist():
+            expected.append(value not in reference)
+            reference.add(value)
+        assert seen.first_seen(group).tolist() == expected
+    assert sum(run.size for run in seen.runs) == len(reference) and len(seen.runs) <= 12
+
+
+def test_encoding_must_be_known_and_ascii_compatible():
+    with pytest.raises(ValueError, match="unknown encoding"):
+        SourceConfig(path="x", encoding="utf-9")
+    with pytest.raises(ValueError, match="UTF-16"):
+        SourceConfig(path="x", encoding="utf-16")
+    with pytest.raises(ValueError, match="needs 'separator'"):
+        SourceConfig(path="x", split_by="separator")
