@@ -1,6 +1,10 @@
-"""Command line: `python -m flows [--preset NAME|FILE.yaml] [--set key=value ...]`.
+"""Command line: `python -m flows [--preset NAME|FILE.yaml] [--set key=value ...] [--no-wait]`.
 
 The configuration is validated before Prefect starts, so a wrong key exits with status 2 having written nothing.
+The artifacts directory's lock is taken before Prefect starts too: a second run on the same directory waits for the
+first, or with `--no-wait` exits at once (status 1) naming the holder. A failure the user can fix (a project error:
+a 404, a bad checksum, a diverged run, a split too short) is printed as one line with exit status 1; a traceback
+means a bug.
 """
 from __future__ import annotations
 
@@ -18,16 +22,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="quickstart", help="preset name in pipeline_config/presets or a YAML path")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one knob, e.g. --set train.max_steps=300 (repeatable)")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="fail at once if another run holds the artifacts directory, instead of waiting for it")
     args = parser.parse_args(argv)
     try:
-        load_config(args.preset, args.overrides)
+        cfg = load_config(args.preset, args.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from flows.build_model import build_model
+    from tasks.stage import PipelineError, hold_artifacts, redact
 
-    summary = build_model(preset=args.preset, overrides=args.overrides)
+    try:
+        with hold_artifacts(cfg.artifacts_dir, wait=not args.no_wait):
+            from flows.build_model import build_model
+
+            summary = build_model(preset=args.preset, overrides=args.overrides)
+    except PipelineError as exc:
+        print(f"error: {redact(' '.join(str(exc).split()))}", file=sys.stderr)
+        return 1
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
     registered = summary["registered"]
     print()
     print("stages:   " + ", ".join(f"{name} {state}" for name, state in summary["stages"].items()))
@@ -36,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mlflow:   run {registered['run_id']} in {registered['tracking_uri']}")
     print("metrics:  " + ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items() if isinstance(v, float)))
     print(f"sample:   {summary['sample']}")
-    return 0
 
 
 if __name__ == "__main__":

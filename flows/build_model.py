@@ -19,7 +19,7 @@ from tasks.acquire import acquire_task
 from tasks.evaluate import evaluate_task
 from tasks.register import register_task
 from tasks.shard import shard_task
-from tasks.stage import StageRunner
+from tasks.stage import StageRunner, hold_artifacts
 from tasks.synthesize import synthesize_task
 from tasks.tokenizer import tokenizer_task
 from tasks.train import train_task
@@ -28,7 +28,8 @@ from tasks.train import train_task
 @flow(name="build-model", log_prints=True)
 def build_model(preset: str = "quickstart", overrides: list[str] | None = None) -> dict[str, Any]:
     cfg = load_config(preset, overrides or [])
-    return run_pipeline(cfg)
+    with hold_artifacts(cfg.artifacts_dir):  # one run at a time per artifacts directory; a second one waits
+        return run_pipeline(cfg)
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:

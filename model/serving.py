@@ -4,9 +4,14 @@
 pyfunc that owns tokenization and generation answers prompts of any length and keeps the weights in the same
 safetensors file the pipeline trained. Generation knobs are declared params of the signature, so MLflow passes them
 through at predict time instead of silently dropping them.
+
+It is logged as MLflow's "models from code": register hands `log_model` this file's path, MLflow copies the file
+(and the `model/` package, as code) into the model and runs it at load time, where `set_model` below names the
+model. Nothing is cloudpickled, so loading the model unpickles nothing; the model's code is read like any source.
 """
 from __future__ import annotations
 
+import mlflow.models
 import mlflow.pyfunc
 
 PARAMS = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 50, "top_p": 0.95, "seed": 0}
@@ -30,3 +35,6 @@ class ScriptoriumLM(mlflow.pyfunc.PythonModel):
             temperature=float(params["temperature"]), top_k=int(params["top_k"]) or None,
             top_p=float(params["top_p"]), seed=int(params["seed"]),
         )
+
+
+mlflow.models.set_model(ScriptoriumLM())

@@ -115,12 +115,12 @@ def _log_model(cfg: RegisterConfig, train: Artifact, tokenizer: Artifact) -> str
     import pandas as pd
     from mlflow.models import infer_signature
 
-    from model.serving import PARAMS, ScriptoriumLM
+    from model.serving import PARAMS
 
     example = pd.DataFrame({"prompt": ["Once upon a time"]})
     info = mlflow.pyfunc.log_model(
         name="model",
-        python_model=ScriptoriumLM(),
+        python_model=str(REPO_ROOT / "model" / "serving.py"),  # models from code: a file, never a pickle
         artifacts={
             "weights": str(train.path / WEIGHTS),
             "model_config": str(train.path / MODEL_CONFIG),

@@ -26,7 +26,11 @@ import inspect
 import json
 import logging
 import os
+import re
+import socket
 import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -39,6 +43,51 @@ MANIFEST = "manifest.json"
 # The pipeline's stages in the order they run: a stage may read only stages named before it.
 PIPELINE = ("acquire", "synthesize", "tokenizer", "shard", "train", "evaluate", "register")
 PROJECT_PACKAGES = ("tasks", "model", "pipeline_config", "flows")
+LOCK = ".lock"
+
+
+# ---------------------------------------------------------------------------------------------------------- errors
+class PipelineError(Exception):
+    """A failure the user can cause and fix: the message names the fix. The command line prints it as one line
+    (exit 1); Prefect retries it only when `transient` (a 5xx, a dropped connection), never a 404 or a bad checksum,
+    which no retry can change."""
+
+    transient = False
+
+
+class ArtifactsBusy(PipelineError):
+    """Another run holds the artifacts directory's lock."""
+
+
+def retryable(exc: BaseException | None) -> bool:
+    """Whether a retry can change the outcome: a project error marked transient, or a dropped connection or
+    timeout from a library. Deterministic project errors and bugs are not retried."""
+    if isinstance(exc, PipelineError):
+        return exc.transient
+    return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+_CREDENTIAL_PARAMS = re.compile(
+    r"(?i)([?&](?:access_token|token|api_key|apikey|key|password|sig|signature|x-amz-signature|x-amz-credential|"
+    r"x-amz-security-token)=)[^&#\s]*")
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s:]*(?::[^/@\s]*)?@")
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials a URL can carry (user:password@, token/signature query parameters) replaced by
+    `***`, for everything the pipeline records: manifests, MLflow params, error messages."""
+    return _CREDENTIAL_PARAMS.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
+
+
+def redacted(value: Any) -> Any:
+    """`redact` applied to every string inside a JSON-like value."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: redacted(inner) for key, inner in value.items()}
+    if isinstance(value, list):
+        return [redacted(inner) for inner in value]
+    return value
 
 
 # ------------------------------------------------------------------------------------------------- artifact files
@@ -105,7 +154,7 @@ def describe_files(directory: Path, names: list[str], records: Mapping[str, int]
     return described
 
 
-class TornFileError(ValueError):
+class TornFileError(PipelineError, ValueError):
     """A JSON-lines file is corrupt somewhere other than its last line, so no kill mid-write explains it."""
 
 
@@ -186,15 +235,30 @@ def fingerprint(manifest: dict[str, Any]) -> str:
 
 def write_manifest(directory: Path, stage: str, manifest: dict[str, Any]) -> Artifact:
     directory = Path(directory)
-    write_json(directory / MANIFEST, {"stage": stage, **manifest})
+    write_json(directory / MANIFEST, redacted({"stage": stage, **manifest}))
     return load_artifact(directory, stage)
 
 
-def load_artifact(directory: Path, stage: str) -> Artifact | None:
-    manifest = Path(directory) / MANIFEST
-    if not manifest.is_file():
+def read_manifest(path: Path, log: logging.Logger | None = None) -> dict[str, Any] | None:
+    """The manifest at `path`, or None when there is none or it is damaged (torn, not JSON, not an object): a
+    damaged manifest means the stage did not finish as far as the pipeline can tell, so it runs again."""
+    try:
+        data = json.loads(Path(path).read_bytes())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
         return None
-    data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        (log or logging.getLogger("scriptorium")).warning(
+            "%s is damaged (%s); its stage runs again", path, str(exc).splitlines()[0][:120])
+        return None
+    return data
+
+
+def load_artifact(directory: Path, stage: str, log: logging.Logger | None = None) -> Artifact | None:
+    data = read_manifest(Path(directory) / MANIFEST, log)
+    if data is None:
+        return None
     return Artifact(stage=stage, path=Path(directory).resolve(), fingerprint=fingerprint(data))
 
 
@@ -337,12 +401,21 @@ class Stage:
         identity = self._identity(cfg, upstream, self.workdir_ignores, code=self.code_in_workdir)
         return Path(root).resolve() / self.name / identity[:16]
 
-    def finished(self, out_dir: Path) -> Artifact | None:
+    def finished(self, out_dir: Path, log: logging.Logger | None = None) -> Artifact | None:
         """The artifact in `out_dir` if it is complete and intact, else None."""
-        artifact = load_artifact(out_dir, self.name)
+        artifact = load_artifact(out_dir, self.name, log)
         if artifact is not None and self.intact is not None and not self.intact(artifact):
             return None
         return artifact
+
+    def current(self, cfg: BaseModel, upstream: Mapping[str, Artifact | None], root: Path,
+                log: logging.Logger | None = None) -> Artifact | None:
+        """The finished artifact for exactly this key, or None. A work directory can be shared by several keys
+        (the knobs in `workdir_ignores`), so a finished manifest counts only if it was written for this key."""
+        existing = self.finished(self.workdir(root, cfg, upstream), log)
+        if existing is not None and existing.manifest.get("cache_key") == self.key(cfg, upstream):
+            return existing
+        return None
 
     def execute(self, cfg: BaseModel, upstream: Mapping[str, Artifact | None], root: Path,
                 log: logging.Logger | None = None) -> Artifact:
@@ -350,8 +423,8 @@ class Stage:
         log = log or logging.getLogger(f"scriptorium.{self.name}")
         out_dir = self.workdir(root, cfg, upstream)
         key = self.key(cfg, upstream)
-        existing = self.finished(out_dir)
-        if existing is not None and existing.manifest.get("cache_key") == key:
+        existing = self.current(cfg, upstream, root, log)
+        if existing is not None:
             log.info("%s: output already complete in %s", self.name, out_dir)
             return existing
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -366,27 +439,164 @@ def key_upstream(upstream: Mapping[str, Artifact | None]) -> dict[str, str | Non
     return {name: art.fingerprint if art else None for name, art in sorted(upstream.items())}
 
 
+# ------------------------------------------------------------------------------------------- the artifacts lock
+_held: dict[Path, list[int]] = {}  # artifacts root -> [lock file descriptor, nesting depth] held by this process
+_held_guard = threading.Lock()
+
+
+def lock_holder(root: Path) -> str:
+    """Who holds the artifacts lock, as its holder wrote it: pid, host, start time."""
+    try:
+        holder = json.loads((Path(root) / LOCK).read_text(encoding="utf-8"))
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (it has not written its name yet)"
+
+
+def _lock(root: Path, wait: bool, log: logging.Logger) -> int:
+    import fcntl
+
+    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = lock_holder(root)
+        if not wait:
+            os.close(fd)
+            raise ArtifactsBusy(f"{root} is in use by {holder}: wait for it, or run without --no-wait to queue "
+                                "behind it") from None
+        log.warning("%s is in use by %s; waiting for it to finish", root, holder)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode(), 0)
+    return fd
+
+
+@contextlib.contextmanager
+def hold_artifacts(root: Path, wait: bool = True, log: logging.Logger | None = None) -> Iterator[None]:
+    """Hold the artifacts directory's lock (an OS file lock on `<root>/.lock`) for the block.
+
+    One run at a time per artifacts directory: its stage directories, downloads, story journal, checkpoints and
+    MLflow store are written by one process. A second run waits (or, with `wait=False`, fails at once naming the
+    holder). Re-entrant within a process, so the command line, the flow and each stage can all hold it. The OS
+    drops the lock when its holder dies, SIGKILL included, so a killed run never leaves a stale lock."""
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    with _held_guard:
+        if root in _held:
+            _held[root][1] += 1
+        else:
+            _held[root] = [_lock(root, wait, log or logging.getLogger("scriptorium")), 1]
+    try:
+        yield
+    finally:
+        with _held_guard:
+            _held[root][1] -= 1
+            if _held[root][1] == 0:
+                os.close(_held.pop(root)[0])  # closing the descriptor releases the lock
+
+
 # ---------------------------------------------------------------------------------------------------------- Prefect
+# Prefect persists a task's result so that a cache hit can hand it back. The record names its own serializer, and
+# Prefect's default is pickle: a record anyone could write would run code on the next cached run. A stage's result
+# is therefore a reference (stage, path relative to the artifacts root, fingerprint) serialized as plain JSON, a
+# record in any other form is deleted before Prefect reads it, and the Artifact is rebuilt from the manifest it
+# points at, so a moved artifacts directory keeps its cache.
+REFERENCE_SERIALIZER = "scriptorium-artifact-reference"
+
+
 def results_dir(root: Path) -> Path:
     return Path(root).resolve() / RESULTS_DIR
 
 
+class StaleResult(PipelineError):
+    """A cache record points at an artifact that is gone or changed (the check before reading it raced a writer)."""
+
+
+def reference(artifact: Artifact, root: Path) -> dict[str, str]:
+    """What the Prefect record holds for `artifact`: no absolute path, nothing but strings."""
+    return {"stage": artifact.stage, "path": artifact.path.relative_to(Path(root).resolve()).as_posix(),
+            "fingerprint": artifact.fingerprint}
+
+
+def resolve_reference(ref: Any, root: Path) -> Artifact:
+    """The Artifact a record's reference points at, rebuilt from its manifest under `root`."""
+    if not (isinstance(ref, dict) and set(ref) == {"stage", "path", "fingerprint"}
+            and all(isinstance(v, str) for v in ref.values())):
+        raise StaleResult(f"a cache record in {results_dir(root)} is not an artifact reference; delete the folder")
+    relative = Path(ref["path"])
+    artifact = None
+    if not relative.is_absolute() and ".." not in relative.parts:
+        artifact = load_artifact(Path(root).resolve() / relative, ref["stage"])
+    if artifact is None or artifact.fingerprint != ref["fingerprint"]:
+        raise StaleResult(f"the cached {ref['stage']} artifact {ref['path']} is gone or changed; re-run")
+    return artifact
+
+
+@functools.lru_cache(maxsize=None)
+def reference_serializer() -> Any:
+    """Prefect's serializer for stage results: JSON only, no object hooks, so reading a record runs no code.
+
+    Defined on first use so that importing this module does not import Prefect (torchrun, plain tests)."""
+    from prefect.serializers import Serializer
+    from pydantic import Field
+
+    class ArtifactReferenceSerializer(Serializer):
+        type: str = Field(default=REFERENCE_SERIALIZER, frozen=True)
+
+        def dumps(self, obj: Any) -> bytes:
+            if isinstance(obj, BaseException):  # Prefect persists a failed run's exception as its result
+                obj = {"error": type(obj).__name__, "message": redact(str(obj))}
+            return json.dumps(obj, sort_keys=True).encode()
+
+        def loads(self, blob: bytes) -> Any:
+            data = json.loads(blob)
+            if isinstance(data, dict) and set(data) == {"error", "message"}:
+                return PipelineError(f"{data['error']}: {data['message']}")
+            return data
+
+    return ArtifactReferenceSerializer()
+
+
+def trusted_record(path: Path) -> bool:
+    """Whether a Prefect record file is one this pipeline wrote: JSON whose serializer is the reference one (so
+    Prefect will not unpickle it) and whose result is a string."""
+    try:
+        record = json.loads(Path(path).read_bytes())
+        serializer = record["metadata"]["serializer"]["type"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return serializer == REFERENCE_SERIALIZER and isinstance(record.get("result"), str)
+
+
+def _retry_condition(_task: Any, _task_run: Any, state: Any) -> bool:
+    return retryable(state.data if isinstance(state.data, BaseException) else None)
+
+
 def prefect_task(stage: Stage):
-    """The thin Prefect task around `stage`: caching on `Stage.key`, retries, Prefect's run logger."""
+    """The thin Prefect task around `stage`: caching on `Stage.key`, retries of transient errors only, Prefect's
+    run logger, results as JSON references."""
     from prefect import task
     from prefect.logging import get_run_logger
 
     def cache_key(_context: Any, parameters: dict[str, Any]) -> str:
         cfg, upstream, root = parameters["cfg"], parameters["upstream"], parameters["root"]
         key = stage.key(cfg, upstream)
-        # Someone deleted the artifact (or what it made elsewhere) by hand: drop the cache record too, or Prefect
-        # would hand back a dead path.
-        if stage.finished(stage.workdir(root, cfg, upstream)) is None:
-            (results_dir(root) / key).unlink(missing_ok=True)
+        record = results_dir(root) / key
+        # Someone deleted the artifact (or what it made elsewhere) by hand, or the work directory now holds another
+        # key's output: drop the record too, or Prefect would hand back a dead or wrong path. A record that is not
+        # plain JSON in our form is deleted unread.
+        if record.exists() and (stage.current(cfg, upstream, root) is None or not trusted_record(record)):
+            if not trusted_record(record):
+                logging.getLogger("scriptorium").warning("%s: cache record %s is not one this pipeline wrote; "
+                                                         "deleted unread, the stage runs again", stage.name, record)
+            record.unlink(missing_ok=True)
         return key
 
-    def run_stage(cfg: BaseModel, upstream: dict[str, Artifact | None], root: Path) -> Artifact:
-        return stage.execute(cfg, upstream, root, get_run_logger())
+    def run_stage(cfg: BaseModel, upstream: dict[str, Artifact | None], root: Path) -> dict[str, str]:
+        with hold_artifacts(root):
+            return reference(stage.execute(cfg, upstream, root, get_run_logger()), root)
 
     return task(
         run_stage,
@@ -394,13 +604,17 @@ def prefect_task(stage: Stage):
         task_run_name=stage.name,
         cache_key_fn=cache_key,
         persist_result=True,
+        result_serializer=reference_serializer(),
         retries=stage.retries,
         retry_delay_seconds=stage.retry_delay_seconds,
+        retry_condition_fn=_retry_condition,
     )
 
 
 class StageRunner:
-    """Calls stage tasks inside a flow with result storage under the artifacts root, and remembers their states."""
+    """Calls stage tasks inside a flow with result storage under the artifacts root, and remembers their states.
+
+    It holds the artifacts lock around each call (re-entrant: the flow normally holds it for the whole run)."""
 
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
@@ -408,6 +622,7 @@ class StageRunner:
 
     def __call__(self, stage_task: Any, cfg: BaseModel, **upstream: Artifact | None) -> Artifact:
         configured = stage_task.with_options(result_storage=results_dir(self.root))
-        state = configured(cfg=cfg, upstream=upstream, root=self.root, return_state=True)
-        self.states[stage_task.name] = state.name
-        return state.result()
+        with hold_artifacts(self.root):
+            state = configured(cfg=cfg, upstream=upstream, root=self.root, return_state=True)
+            self.states[stage_task.name] = state.name
+            return resolve_reference(state.result(), self.root)

@@ -11,11 +11,13 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
+from tasks.stage import PipelineError
+
 if TYPE_CHECKING:
     from pipeline_config.synthesize import SynthesizeConfig
 
 
-class SynthesizeError(Exception):
+class SynthesizeError(PipelineError):
     """A synthesis problem the user can fix; the message names the fix (the key, the file, the host)."""
 
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from model import ModelConfig, build_model
 from pipeline_config.schema import TrainConfig
-from tasks.stage import read_jsonl, write_atomic
+from tasks.stage import PipelineError, read_jsonl, write_atomic
 from tasks.training.checkpoints import CHECKPOINTS, load_checkpoint, save_checkpoint
 from tasks.training.devices import autocast, autocast_dtype, pick_device
 from tasks.training.distributed import agreed_elapsed, init_distributed
@@ -35,7 +35,7 @@ METRICS = "metrics.jsonl"
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # first element of every window key: training and evaluation never share draws
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(PipelineError, RuntimeError):
     """The loss became NaN/inf; the message names the step and the last good checkpoint."""
 
 
