@@ -6,9 +6,11 @@ misspelt key is an error that names the key rather than a silently ignored setti
 """
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -18,6 +20,25 @@ from pipeline_config.synthesize import SynthesizeConfig
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+# SentencePiece with byte fallback reserves one piece per byte value plus <unk>, <s>, </s>, and needs one more for
+# every distinct character of the corpus on top (about 100 for English prose).
+BYTE_FALLBACK_PIECES = 256 + 3
+
+
+def _check_addresses(source: "SourceConfig") -> None:
+    """Only http(s) is downloaded; a hub id and revision are names, never paths that could climb out of a folder."""
+    for key, address in (("url", source.url if source.kind == "http" else None),
+                         ("endpoint", source.endpoint if source.kind == "hf" else None)):
+        if address is not None and urlsplit(address).scheme not in ("http", "https"):
+            raise ValueError(f"{key} must be an http:// or https:// address (got {address.split(':')[0]}:); a local "
+                             "file is a source of kind 'local' with a path")
+    if source.kind == "hf" and not HUB_ID.fullmatch(source.dataset or ""):
+        raise ValueError(f"dataset {source.dataset!r} is not a hub id like 'owner/name'")
+    if source.kind == "hf" and (".." in source.revision.split("/") or source.revision.startswith("/")):
+        raise ValueError(f"revision {source.revision!r} is not a branch, tag or commit")
 
 
 class SourceConfig(Section):
@@ -62,6 +83,7 @@ class SourceConfig(Section):
         if not newline_is_a_byte:
             raise ValueError(f"encoding '{self.encoding}' is not ASCII-compatible (UTF-16/32): convert the file to "
                              "UTF-8 first")
+        _check_addresses(self)
         return self
 
     @property
@@ -86,6 +108,17 @@ class TokenizerConfig(Section):
     character_coverage: float = Field(1.0, gt=0, le=1)
     train_bytes: int = Field(20_000_000, gt=0, description="cap on the text the vocabulary is learned from")
     num_threads: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _room_for_bytes(self) -> "TokenizerConfig":
+        if self.kind == "sentencepiece" and self.byte_fallback and self.vocab_size <= BYTE_FALLBACK_PIECES:
+            raise ValueError(
+                f"vocab_size {self.vocab_size} leaves no room for pieces: byte fallback alone takes "
+                f"{BYTE_FALLBACK_PIECES} (256 bytes + 3 specials) and every distinct character of the corpus needs one "
+                f"more (about 100 for English prose, so {BYTE_FALLBACK_PIECES + 100} or more), or set "
+                "tokenizer.byte_fallback=false"
+            )
+        return self
 
 
 class ShardConfig(Section):

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline_config.schema import AcquireConfig, SourceConfig
-from tasks.corpus.download import AcquireError, download, hub_files
+from tasks.corpus.download import AcquireError, download, hub_files, url_file_name
 from tasks.corpus.formats import FileReport, documents_from, resolve_local
 from tasks.corpus.sampling import content_hashes
 from tasks.stage import Stage, atomic_path, describe_files, prefect_task
@@ -51,7 +51,7 @@ def _source_files(source: SourceConfig, out_dir: Path, log: logging.Logger) -> l
     if source.kind == "local":
         return resolve_local(source.path)
     if source.kind == "http":
-        name = source.url.rstrip("/").rsplit("/", 1)[-1] or "download"
+        name = url_file_name(source.url)
         digest = hashlib.sha256(source.url.encode()).hexdigest()[:12]
         return [download(source.url, out_dir / "downloads" / digest / name, source.sha256, log)]
     return hub_files(source, out_dir, log)

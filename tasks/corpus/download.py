@@ -7,12 +7,22 @@ The hub is spoken to over its HTTP API directly (what huggingface_hub calls too)
 (`/api/datasets/{id}/tree/{revision}`, paginated by `Link: <...>; rel="next"`) names the files and gives each LFS
 file's sha256; every file then comes through `download` from `/datasets/{id}/resolve/{revision}/{path}`. A token
 goes to the hub only, never to the CDN it redirects to.
+
+Downloads are verified or refused. A body is complete only when the protocol says so (its `Content-Length`, or a
+chunked transfer's terminator) or its checksum matches: a body that simply stops, with neither, is refused rather
+than cached for good. Only what a retry can change is marked transient and retried (by the stage, with backoff): a
+5xx, a dropped connection, a timeout, a transfer cut short. A 4xx or a checksum mismatch fails at once. Only `http`
+and `https` are spoken, redirects included. A file name the hub lists is a path *inside* the download folder or an
+error: `../x` and `/etc/x` are refused before anything is written. Credentials in a URL never reach a message.
 """
 from __future__ import annotations
 
+import base64
+import http.client
 import json
 import logging
 import os
+import posixpath
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,11 +30,55 @@ from pathlib import Path
 from typing import Any
 
 from pipeline_config.schema import SourceConfig
-from tasks.stage import file_sha256
+from tasks.stage import PipelineError, file_sha256, redact
+
+SCHEMES = ("http", "https")
 
 
-class AcquireError(RuntimeError):
-    """A source cannot be read or downloaded; the message names the source."""
+class AcquireError(PipelineError, RuntimeError):
+    """A source cannot be read or downloaded; the message names the source. `transient`: a retry may succeed."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(redact(message))
+        self.transient = transient
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) only: urllib alone would follow one to ftp://."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 (urllib's signature)
+        if urllib.parse.urlsplit(newurl).scheme not in SCHEMES:
+            raise AcquireError(f"{req.full_url} redirects to {newurl}: only http and https are followed")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
+
+
+def open_url(request: urllib.request.Request, timeout: float) -> Any:
+    """`urlopen` for http(s) URLs only (urllib would also read file:// and ftp://)."""
+    if urllib.parse.urlsplit(request.full_url).scheme not in SCHEMES:
+        raise AcquireError(f"{request.full_url}: only http:// and https:// addresses can be downloaded")
+    return _OPENER.open(request, timeout=timeout)
+
+
+def url_file_name(url: str) -> str:
+    """The file name a URL's path ends with (never its query, which may carry a token), or `download`."""
+    name = urllib.parse.unquote(urllib.parse.urlsplit(url).path).rstrip("/").rsplit("/", 1)[-1]
+    return name if name not in ("", ".", "..") and "\\" not in name else "download"
+
+
+def confined(base: Path, relative: str, what: str) -> Path:
+    """`base / relative` for a name that came from elsewhere (a hub listing), normalised; an error if it would
+    land outside `base` (`..`, an absolute path, a backslash, a symlink out)."""
+    normal = posixpath.normpath(relative) if relative else ""
+    if (not normal or normal.startswith(("/", "../")) or normal in (".", "..") or "\\" in relative
+            or "\0" in relative):
+        raise AcquireError(f"{what}: refusing the file name {relative!r}, which is not a path inside the dataset")
+    target = Path(base) / normal
+    if not target.resolve().is_relative_to(Path(base).resolve()):
+        raise AcquireError(f"{what}: refusing the file name {relative!r}, which leads outside {base}")
+    return target
 
 
 def download(
@@ -38,40 +92,62 @@ def download(
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
     offset = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
-    if token:
-        request.add_unredirected_header("Authorization", f"Bearer {token}")
+    address, basic = _split_credentials(url)
+    request = urllib.request.Request(address, headers={"Range": f"bytes={offset}-"} if offset else {})
+    if token or basic:
+        request.add_unredirected_header("Authorization", f"Bearer {token}" if token else f"Basic {basic}")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            resumed = offset and response.status == 206
-            if offset and not resumed:
-                log.info("server ignored the range request; downloading %s from the start", url)
-            mode = "ab" if resumed else "wb"
-            expected = response.headers.get("Content-Length")
-            received = 0
-            with open(part, mode) as handle:
-                while block := response.read(1 << 20):
-                    handle.write(block)
-                    received += len(block)
-                handle.flush()
-                os.fsync(handle.fileno())
-            if expected is not None and received < int(expected):
-                # http.client returns short reads silently when the server hangs up mid-body
-                raise ConnectionError(f"connection closed after {received} of {expected} bytes")
+        with open_url(request, timeout) as response:
+            _receive(response, part, offset, url, sha256, log)
     except urllib.error.HTTPError as exc:
-        if exc.code == 416 and offset:  # the .part file already holds everything
-            pass
-        else:
-            raise AcquireError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-        raise AcquireError(f"download of {url} failed ({exc}); a re-run resumes from {part.stat().st_size if part.exists() else 0} bytes") from None
+        if not (exc.code == 416 and offset):  # 416 with a .part file: it already holds everything
+            raise AcquireError(f"download of {url} failed: HTTP {exc.code} {exc.reason}", transient=exc.code >= 500) \
+                from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
+        size = part.stat().st_size if part.exists() else 0
+        raise AcquireError(f"download of {url} failed ({type(exc).__name__}: {exc}); a re-run resumes from {size} "
+                           "bytes", transient=True) from None
     if sha256 is not None:
         actual = file_sha256(part)
         if actual != sha256:
             part.unlink()
-            raise AcquireError(f"checksum mismatch for {url}: expected {sha256}, got {actual}; the partial file was removed")
+            raise AcquireError(f"checksum mismatch for {url}: expected {sha256}, got {actual}; the partial file was "
+                               "removed")
     os.replace(part, dest)
     return dest
+
+
+def _split_credentials(url: str) -> tuple[str, str | None]:
+    """(`url` without `user:password@`, their Basic credentials): urllib cannot send a URL's own credentials."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None:
+        return url, None
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+    bare = urllib.parse.urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")))
+    pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+    return bare, base64.b64encode(pair.encode()).decode()
+
+
+def _receive(response: Any, part: Path, offset: int, url: str, sha256: str | None, log: logging.Logger) -> None:
+    """Write the body to `part` (appending to a resumed one) and check it arrived whole."""
+    resumed = offset and response.status == 206
+    if offset and not resumed:
+        log.info("server ignored the range request; downloading %s from the start", redact(url))
+    expected = response.headers.get("Content-Length")
+    if expected is None and not response.chunked and sha256 is None:
+        # A close-delimited body: a server that hangs up mid-transfer looks exactly like a finished one.
+        raise AcquireError(f"{url} was sent without a length and no sha256 is configured, so a body cut short "
+                           "cannot be told from a whole one: set acquire.sources[].sha256")
+    received = 0
+    with open(part, "ab" if resumed else "wb") as handle:
+        while block := response.read(1 << 20):  # a broken chunked transfer raises IncompleteRead here
+            handle.write(block)
+            received += len(block)
+        handle.flush()
+        os.fsync(handle.fileno())
+    if expected is not None and received < int(expected):
+        # http.client returns short reads silently when the server hangs up mid-body
+        raise ConnectionError(f"connection closed after {received} of {expected} bytes")
 
 
 HUB_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz")
@@ -82,29 +158,8 @@ def hub_files(source: SourceConfig, out_dir: Path, log: logging.Logger) -> list[
     base = source.endpoint.rstrip("/")
     token = os.environ.get(source.token_env) or None
     revision = urllib.parse.quote(source.revision, safe="")
-    url: str | None = f"{base}/api/datasets/{source.dataset}/tree/{revision}?recursive=true"
-    entries: list[dict[str, Any]] = []
-    while url:
-        request = urllib.request.Request(url)
-        if token:
-            request.add_unredirected_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                entries += json.load(response)
-                url = _next_page(response.headers.get("Link"))
-        except urllib.error.HTTPError as exc:
-            hint = (f"check acquire.sources[].dataset and .revision; a gated or private dataset needs a token in "
-                    f"${source.token_env}") if exc.code in (401, 403, 404) else "a re-run tries again"
-            raise AcquireError(
-                f"hub dataset '{source.dataset}' (revision {source.revision}) at {base}: HTTP {exc.code} {exc.reason}; "
-                f"{hint}"
-            ) from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-            raise AcquireError(
-                f"cannot reach the hub at {base} for dataset '{source.dataset}' ({exc}): kind 'hf' needs the internet, "
-                f"or set acquire.sources[].endpoint to a mirror"
-            ) from None
-    files = [e for e in entries if e.get("type") == "file"]
+    files = [e for e in _hub_listing(source, base, revision, token)
+             if isinstance(e, dict) and e.get("type") == "file" and isinstance(e.get("path"), str)]
     wanted = sorted(
         (e for e in files if source.split in Path(e["path"]).name and e["path"].endswith(HUB_SUFFIXES)),
         key=lambda e: e["path"],
@@ -114,10 +169,13 @@ def hub_files(source: SourceConfig, out_dir: Path, log: logging.Logger) -> list[
             f"hub dataset '{source.dataset}' has no {'/'.join(HUB_SUFFIXES)} file with '{source.split}' in its name "
             f"(it has {sorted(e['path'] for e in files)[:10]}): set acquire.sources[].split"
         )
+    root = out_dir / "downloads" / "hf"
+    folder = confined(root, f"{source.dataset}/{source.revision}", f"hub dataset '{source.dataset}'")
+    # every name is checked before the first byte is written: a hostile listing writes nothing anywhere
+    destinations = [confined(folder, entry["path"], f"hub dataset '{source.dataset}' at {base}") for entry in wanted]
     paths = []
-    for entry in wanted:
-        path = entry["path"]
-        dest = out_dir / "downloads" / "hf" / source.dataset / source.revision / path
+    for entry, dest in zip(wanted, destinations):
+        path = posixpath.normpath(entry["path"])
         paths.append(download(
             f"{base}/datasets/{source.dataset}/resolve/{revision}/{urllib.parse.quote(path)}",
             dest,
@@ -127,6 +185,39 @@ def hub_files(source: SourceConfig, out_dir: Path, log: logging.Logger) -> list[
         ))
         log.info("acquire: %s/%s (%d bytes)", source.dataset, path, dest.stat().st_size)
     return paths
+
+
+def _hub_listing(source: SourceConfig, base: str, revision: str, token: str | None) -> list[Any]:
+    """Every entry of the dataset's recursive tree listing, following its pages."""
+    url: str | None = f"{base}/api/datasets/{source.dataset}/tree/{revision}?recursive=true"
+    entries: list[Any] = []
+    while url:
+        request = urllib.request.Request(url)
+        if token:
+            request.add_unredirected_header("Authorization", f"Bearer {token}")
+        try:
+            with open_url(request, 60) as response:
+                page = json.load(response)
+                url = _next_page(response.headers.get("Link"))
+            if not isinstance(page, list):
+                raise ValueError("the listing is not a JSON list")
+            entries += page
+        except urllib.error.HTTPError as exc:
+            hint = (f"check acquire.sources[].dataset and .revision; a gated or private dataset needs a token in "
+                    f"${source.token_env}") if exc.code in (401, 403, 404) else "a re-run tries again"
+            raise AcquireError(
+                f"hub dataset '{source.dataset}' (revision {source.revision}) at {base}: HTTP {exc.code} {exc.reason}; "
+                f"{hint}", transient=exc.code >= 500,
+            ) from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
+            raise AcquireError(
+                f"cannot reach the hub at {base} for dataset '{source.dataset}' ({exc}): kind 'hf' needs the internet, "
+                f"or set acquire.sources[].endpoint to a mirror", transient=True,
+            ) from None
+        except ValueError as exc:
+            raise AcquireError(f"hub at {base} answered the listing of '{source.dataset}' with something other than "
+                               f"a hub listing ({exc}): check acquire.sources[].endpoint") from None
+    return entries
 
 
 def _next_page(link: str | None) -> str | None:

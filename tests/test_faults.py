@@ -1,0 +1,315 @@
+"""Faults a careful user meets: concurrent runs, hostile or corrupt files, kills at any point, hostile servers.
+
+One test per hole (issue 14), each failing on the code before the fix. Concurrency uses two real processes and the
+OS lock; kills are real SIGKILLs. Prefect runs under its own test harness (the `prefect_api` fixture), on a flow of
+two real stages (acquire and a character tokenizer), which is all a cache record needs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.stage import MANIFEST, RESULTS_DIR, trusted_record
+
+REPO = Path(__file__).resolve().parent.parent
+LOG = logging.getLogger("test")
+
+
+# ------------------------------------------------------------------------------------------------ Prefect records
+def _mini_overrides(artifacts: Path, corpus: Path) -> list[str]:
+    return [f"artifacts_dir={artifacts}", f"acquire.sources={json.dumps([{'path': str(corpus)}])}",
+            "acquire.byte_budget=20000", "synthesize.n=0", "tokenizer.kind=char"]
+
+
+def _mini_flow():
+    from prefect import flow
+
+    from pipeline_config import load_config
+    from tasks.acquire import acquire_task
+    from tasks.stage import StageRunner
+    from tasks.tokenizer import tokenizer_task
+
+    @flow(name="faults-mini")
+    def mini(overrides: list[str]) -> dict:
+        cfg = load_config("quickstart", overrides)
+        run = StageRunner(cfg.artifacts_dir)
+        documents = run(acquire_task, cfg.acquire)
+        vocabulary = run(tokenizer_task, cfg.tokenizer, acquire=documents, synthesize=None)
+        return {"states": dict(run.states), "tokenizer": str(vocabulary.path)}
+
+    return mini
+
+
+class _Payload:
+    """Unpickling this creates a directory: the proof that a record was unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_cache_records_are_json_and_a_pickled_record_is_deleted_unread(prefect_api, tmp_path, small_corpus):
+    from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+    from prefect.serializers import PickleSerializer
+
+    flow = _mini_flow()
+    overrides = _mini_overrides(tmp_path / "artifacts", small_corpus)
+    assert flow(overrides)["states"] == {"acquire": "Completed", "tokenizer": "Completed"}
+    records = sorted((tmp_path / "artifacts" / RESULTS_DIR).iterdir())
+    assert len(records) == 2 and all(trusted_record(r) for r in records)
+    assert all(str(tmp_path) not in json.loads(r.read_bytes())["result"] for r in records)  # no absolute path
+
+    marker = tmp_path / "pwned"
+    hostile = ResultRecord(metadata=ResultRecordMetadata(serializer=PickleSerializer(picklelib="pickle")),
+                           result=_Payload(marker))
+    for record in records:
+        record.write_bytes(hostile.serialize())
+    again = flow(overrides)
+    assert not marker.exists()
+    assert again["states"] == {"acquire": "Completed", "tokenizer": "Completed"}  # ran again instead
+    assert all(trusted_record(r) for r in (tmp_path / "artifacts" / RESULTS_DIR).iterdir())
+
+
+def test_a_moved_artifacts_directory_keeps_its_cache(prefect_api, tmp_path, small_corpus):
+    flow = _mini_flow()
+    flow(_mini_overrides(tmp_path / "before", small_corpus))
+    (tmp_path / "before").rename(tmp_path / "after")
+    moved = flow(_mini_overrides(tmp_path / "after", small_corpus))
+    assert moved["states"] == {"acquire": "Cached", "tokenizer": "Cached"}
+    assert moved["tokenizer"].startswith(str(tmp_path / "after"))
+    assert (Path(moved["tokenizer"]) / MANIFEST).is_file()
+
+
+# ------------------------------------------------------------------------------------------------- corrupt files
+class Captured(logging.Handler):
+    """The messages a logger emitted (Prefect's logging setup keeps pytest's caplog from seeing some loggers)."""
+
+    def __init__(self, name: str):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.logger = logging.getLogger(name)
+        self.logger.addHandler(self)
+        self.logger.setLevel(logging.DEBUG)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def test_a_torn_manifest_makes_the_stage_run_again_and_says_which_file(tmp_path, small_corpus):
+    from pipeline_config.schema import AcquireConfig, SourceConfig
+    from tasks.acquire import STAGE
+
+    cfg = AcquireConfig(sources=[SourceConfig(path=str(small_corpus))], byte_budget=20000)
+    first = STAGE.execute(cfg, {}, tmp_path, LOG)
+    manifest = first.path / MANIFEST
+    manifest.write_bytes(manifest.read_bytes()[:40])  # what a dying disk or a bad copy leaves
+    captured = Captured("faults.manifest")
+    again = STAGE.execute(cfg, {}, tmp_path, captured.logger)
+    assert again.fingerprint == first.fingerprint  # rebuilt to the same content
+    assert str(manifest) in captured.text and "runs again" in captured.text
+
+
+# ----------------------------------------------------------------------------------------------------- downloads
+def _server(respond):
+    """A loopback HTTP server (no internet here) whose GET handler is `respond(handler)`; it records the paths and
+    Authorization headers it was asked for in `requests`."""
+    import http.server
+
+    from tests.loopback import LoopbackServer
+
+    requests: list[tuple[str, str | None]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            requests.append((self.path, self.headers.get("Authorization")))
+            respond(self)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = LoopbackServer(Handler, name="faults-double")
+    server.requests = requests
+    return server
+
+
+def _status(code: int, body: bytes = b"") -> callable:
+    def respond(handler) -> None:
+        handler.send_response(code)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    return respond
+
+
+BODY = b"".join(json.dumps({"text": f"story {i}"}).encode() + b"\n" for i in range(500))
+
+
+def test_a_body_that_just_stops_without_a_length_is_refused_not_cached(tmp_path):
+    from tasks.corpus.download import AcquireError, download
+
+    def close_delimited(handler) -> None:  # HTTP/1.0 style: the body ends when the server hangs up
+        handler.send_response(200)
+        handler.end_headers()
+        handler.wfile.write(BODY[:3000])
+        handler.close_connection = True
+
+    with _server(close_delimited) as server:
+        with pytest.raises(AcquireError, match="without a length.*sha256"):
+            download(f"{server.url}/data.jsonl", tmp_path / "data.jsonl", None, LOG, timeout=5)
+    assert not (tmp_path / "data.jsonl").exists()
+
+
+def test_a_broken_chunked_transfer_is_a_transient_acquire_error(tmp_path):
+    from tasks.corpus.download import AcquireError, download
+
+    def broken_chunks(handler) -> None:
+        handler.send_response(200)
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        handler.wfile.write(b"%x\r\n%s\r\n" % (1000, BODY[:1000]) + b"%x\r\n" % 5000 + BODY[1000:2000])
+        handler.close_connection = True  # hangs up inside the second chunk
+
+    with _server(broken_chunks) as server:
+        with pytest.raises(AcquireError, match="IncompleteRead") as err:
+            download(f"{server.url}/data.jsonl", tmp_path / "data.jsonl", None, LOG, timeout=5)
+    assert err.value.transient and not (tmp_path / "data.jsonl").exists()
+
+
+def test_only_5xx_dropped_connections_and_timeouts_are_retryable(tmp_path):
+    from tasks.corpus.download import AcquireError, download
+    from tasks.stage import retryable
+
+    outcomes = {}
+    for code in (404, 403, 500, 503):
+        with _server(_status(code)) as server:
+            with pytest.raises(AcquireError) as err:
+                download(f"{server.url}/x.jsonl", tmp_path / f"{code}.jsonl", None, LOG, timeout=5)
+        outcomes[code] = retryable(err.value)
+    with _server(_status(200, BODY)) as server:
+        with pytest.raises(AcquireError, match="checksum mismatch") as err:
+            download(f"{server.url}/x.jsonl", tmp_path / "sum.jsonl", "0" * 64, LOG, timeout=5)
+    outcomes["checksum"] = retryable(err.value)
+    assert outcomes == {404: False, 403: False, 500: True, 503: True, "checksum": False}
+    assert retryable(ConnectionResetError()) and retryable(TimeoutError()) and not retryable(KeyError("bug"))
+
+
+def test_only_http_and_https_are_downloaded_redirects_included(tmp_path):
+    from tasks.corpus.download import AcquireError, download
+
+    secret = tmp_path / "secret.jsonl"
+    secret.write_bytes(BODY)
+    with pytest.raises(AcquireError, match="only http"):
+        download(secret.as_uri(), tmp_path / "copy.jsonl", None, LOG, timeout=5)
+
+    def to_ftp(handler) -> None:
+        handler.send_response(302)
+        handler.send_header("Location", "ftp://127.0.0.1/secret.jsonl")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    with _server(to_ftp) as server:
+        with pytest.raises(AcquireError, match="only http and https"):
+            download(f"{server.url}/data.jsonl", tmp_path / "copy.jsonl", None, LOG, timeout=5)
+    assert not (tmp_path / "copy.jsonl").exists()
+
+
+def test_credentials_in_a_url_are_sent_but_never_recorded(tmp_path):
+    from pipeline_config.schema import AcquireConfig, SourceConfig
+    from tasks.acquire import STAGE, AcquireError
+
+    def needs_login(handler) -> None:
+        ok = handler.headers.get("Authorization") == "Basic dXNlcjpzM2NyZXQ="  # user:s3cret
+        _status(200 if ok and handler.path.startswith("/data.jsonl") else 404, BODY if ok else b"")(handler)
+
+    with _server(needs_login) as server:
+        url = server.url.replace("http://", "http://user:s3cret@")
+        cfg = AcquireConfig(sources=[SourceConfig(kind="http", url=f"{url}/data.jsonl?token=t0ps3cret")])
+        artifact = STAGE.execute(cfg, {}, tmp_path, LOG)
+        with pytest.raises(AcquireError) as err:
+            STAGE.execute(AcquireConfig(sources=[SourceConfig(kind="http", url=f"{url}/gone.jsonl")]), {}, tmp_path,
+                          LOG)
+    manifest = (artifact.path / MANIFEST).read_text()
+    assert artifact.manifest["documents"] == 500 and server.requests[0][1].startswith("Basic ")
+    assert "s3cret" not in manifest and "t0ps3cret" not in manifest and "***@" in manifest
+    assert "HTTP 404" in str(err.value) and "s3cret" not in str(err.value)
+
+
+def test_a_hostile_hub_cannot_write_outside_the_download_folder(tmp_path):
+    """Against HubDouble (the hub's HTTP API on loopback; no internet here), listing `../` and absolute names."""
+    from pipeline_config.schema import AcquireConfig, SourceConfig
+    from tasks.acquire import AcquireError, acquire
+    from tests.hub_double import HubDouble
+
+    out = tmp_path / "artifacts" / "acquire" / "key"
+    out.mkdir(parents=True)
+    climb = "../" * 9 + "escape_train.jsonl"  # out/downloads/hf/org/tiny/main is 9 levels below tmp_path
+    absolute = str(tmp_path / "absolute_train.jsonl")
+    for hostile in (climb, absolute, "data/../../../../x_train.jsonl"):
+        with HubDouble("org/tiny", {hostile: BODY, "data/ok_train.jsonl": BODY}, lfs=set()) as hub:
+            source = SourceConfig(kind="hf", dataset="org/tiny", endpoint=hub.url)
+            with pytest.raises(AcquireError, match="refusing the file name"):
+                acquire(AcquireConfig(sources=[source]), out, LOG)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written == []  # not outside, and not even the well-named file: the listing is refused as a whole
+
+
+# -------------------------------------------------------------------------------------------- concurrent runs
+HOLD = textwrap.dedent("""
+    import sys, time
+    from tasks.stage import hold_artifacts
+    with hold_artifacts(sys.argv[1], wait=sys.argv[2] == "wait"):
+        print("held", time.time(), flush=True)
+        time.sleep(float(sys.argv[3]))
+        print("released", time.time(), flush=True)
+""")
+
+
+def _holder(root: Path, seconds: float, wait: bool = True) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", HOLD, str(root), "wait" if wait else "no", str(seconds)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_second_run_waits_for_the_first_to_release_the_artifacts_directory(tmp_path):
+    first = _holder(tmp_path, 2.0)
+    held_at = float(first.stdout.readline().split()[1])
+    second = _holder(tmp_path, 0.0)
+    second_out, _ = second.communicate(timeout=60)
+    first_out, _ = first.communicate(timeout=60)
+    released_at = float(first_out.split()[1])
+    second_held_at = float(second_out.split()[1])
+    assert held_at < released_at <= second_held_at
+
+
+def test_no_wait_fails_at_once_naming_the_holder_and_a_sigkilled_holder_frees_the_lock(tmp_path, small_corpus):
+    import socket
+
+    root = tmp_path / "artifacts"
+    holder = _holder(root, 120.0)
+    assert holder.stdout.readline().startswith("held")
+    command = [sys.executable, "-m", "flows", "--no-wait", *[x for o in _mini_overrides(root, small_corpus)
+                                                             for x in ("--set", o)]]
+    refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1
+    assert f"pid {holder.pid} on {socket.gethostname()}, started " in refused.stderr
+    assert "Traceback" not in refused.stderr and sorted(p.name for p in root.iterdir()) == [".lock"]
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=10)
+    after = _holder(root, 0.0, wait=False)  # the OS dropped the dead holder's lock: no stale lock to clean up
+    assert after.communicate(timeout=60)[0].startswith("held") and after.returncode == 0
