@@ -23,7 +23,7 @@ from model.tokenizer import load_tokenizer
 from pipeline_config.schema import ModelSection, ShardConfig, TokenizerConfig, TrainConfig
 from tasks.stage import write_manifest
 from tasks.evaluate import validation_loss
-from tasks.corpus.reader import load_split
+from tasks.corpus.reader import split_tokens
 from tasks.shard import shard_splits
 from tasks.tokenizer import build_tokenizer
 from tasks.training.loop import train
@@ -61,8 +61,8 @@ def main() -> None:
     manifest = shard_splits(ShardConfig(), {"train": [d["text"] for d in train_docs], "val": [d["text"] for d in val_docs]},
                             tok_dir, shard_dir, log)
     shards = write_manifest(shard_dir, "shard", manifest)
-    train_tokens = load_split(shards, "train")
-    val_tokens = load_split(shards, "val")
+    train_tokens = split_tokens(shards, "train")
+    val_tokens = split_tokens(shards, "val")
     vocab = load_tokenizer(tok_dir).vocab_size
     log.info("data: %d train tokens, %d val tokens, vocab %d", train_tokens.size, val_tokens.size, vocab)
 

@@ -106,7 +106,11 @@ class TokenizerConfig(Section):
     vocab_size: int = Field(1024, ge=32, description="target size (sentencepiece); char-level uses what it sees")
     byte_fallback: bool = True
     character_coverage: float = Field(1.0, gt=0, le=1)
-    train_bytes: int = Field(20_000_000, gt=0, description="cap on the text the vocabulary is learned from")
+    train_bytes: int = Field(20_000_000, gt=0, description="size of the sample the vocabulary is learned from, drawn "
+                             "evenly over the whole corpus (by content hash) and stratified by language")
+    language_exponent: float = Field(1.0, ge=0, le=1, description="each language's share of that sample goes as its "
+                                     "bytes to this power: 1 proportional, 0 equal shares (capped at what it has)")
+    fertility_bytes: int = Field(2_000_000, gt=0, description="per language, the sample the fertility report encodes")
     num_threads: int = Field(2, ge=1)
 
     @model_validator(mode="after")
@@ -121,11 +125,24 @@ class TokenizerConfig(Section):
         return self
 
 
+class RunnerConfig(Section):
+    """Where a stage's mapped Prefect tasks run: threads here, or a Dask cluster (prefect-dask's DaskTaskRunner)."""
+
+    kind: Literal["local", "dask"] = "local"
+    address: str | None = Field(None, description="kind=dask: the scheduler of an existing cluster, e.g. "
+                                "tcp://10.0.0.5:8786 (its workers must see the artifacts directory at the same path); "
+                                "None starts a local cluster of `num_workers` processes")
+
+
 class ShardConfig(Section):
-    docs_per_shard: int = Field(20_000, ge=1)
-    val_fraction: float = Field(0.05, gt=0, lt=1, description="share of documents (by content hash) held out")
-    num_workers: int = Field(2, ge=1)
+    tokens_per_shard: int = Field(10_000_000, ge=1, description="every shard but a stream's last holds exactly this "
+                                  "many tokens")
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="share of each language's documents (by content hash) "
+                                "held out")
+    num_workers: int = Field(2, ge=1, description="chunks tokenized at once (threads, or local Dask processes)")
     compression_level: int = Field(3, ge=1, le=22, description="zstd level")
+    # Where the work runs never changes a byte of the shards (tested), so it is left out of the cache key.
+    runner: RunnerConfig = Field(default_factory=RunnerConfig, exclude=True)
 
 
 class TrainConfig(Section):
@@ -161,7 +178,7 @@ class TrainConfig(Section):
 
 class EvaluateConfig(Section):
     batch_size: int = Field(16, ge=1)
-    max_batches: int = Field(50, ge=1)
+    max_batches: int = Field(50, ge=1, description="per language in the validation split")
     prompts: list[str] = Field(default_factory=lambda: ["Once upon a time", "The little dog"])
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.8, ge=0)

@@ -4,8 +4,14 @@ Bits per byte is the number to compare across tokenizers: loss per token depends
 a bigger vocabulary "wins" on loss for free. Dividing the total nats by ln 2 and by the UTF-8 bytes the tokens stand
 for removes that; here the tokens-per-byte ratio of the whole validation split converts the mean per-token loss.
 
-Windows are consecutive, non-overlapping slices of the validation stream, so the figure is deterministic and covers
-the held-out text evenly (up to `max_batches`).
+Windows are consecutive, non-overlapping slices of each validation shard, read one shard at a time, so the figure is
+deterministic, covers the held-out text evenly (up to `max_batches`) and needs one shard in memory.
+
+Each language of the validation split is scored on its own (the shard stage writes one validation stream per
+language): `val_bpb.<lang>`, `val_perplexity.<lang>`, `val_loss.<lang>`, because a multilingual model's average hides
+a language that costs twice as many bits. The totals (`val_bpb`, `val_loss`, `val_perplexity`, the metrics of
+record) weight each language by its share of the held-out text: its mean loss per token is taken to stand for all of
+its validation tokens, so scoring more windows of one language does not tilt the total.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from model import load_model
 from model.generation import generate_text
 from model.tokenizer import load_tokenizer
 from pipeline_config.schema import EvaluateConfig
-from tasks.corpus.reader import load_split
+from tasks.corpus.reader import ShardTokens, split_languages, split_tokens
 from tasks.stage import Artifact, Stage, describe_files, prefect_task, write_json
 from tasks.train import MODEL_CONFIG, WEIGHTS
 
@@ -29,23 +35,58 @@ SAMPLES = "samples.json"
 METRICS = "metrics.json"
 
 
+def _consecutive_windows(tokens: ShardTokens, block_size: int, limit: int) -> list[tuple[int, int, int]]:
+    """(shard, start, length) of up to `limit` consecutive windows, shard by shard; a split too small for one full
+    window gets one shorter window over its largest shard."""
+    windows = []
+    for index, size in enumerate(tokens.sizes.tolist()):
+        starts = range(0, max(size - 1, 0) // block_size * block_size, block_size)
+        windows.extend((index, start, block_size + 1) for start in starts[: limit - len(windows)])
+    if not windows:
+        index = int(np.argmax(tokens.sizes))
+        windows = [(index, 0, int(tokens.sizes[index]))]
+    return windows
+
+
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_size: int, max_batches: int) -> tuple[float, int]:
+def validation_loss(model: torch.nn.Module, tokens: np.ndarray | ShardTokens, block_size: int, batch_size: int,
+                    max_batches: int) -> tuple[float, int]:
     """Mean per-token cross-entropy (nats) over consecutive windows, and the number of tokens scored."""
     device = next(model.parameters()).device
-    n_windows = min((tokens.size - 1) // block_size, batch_size * max_batches)
-    if n_windows == 0:
-        block_size = tokens.size - 1
-        n_windows = 1
-    total, count = 0.0, 0
-    for start in range(0, n_windows, batch_size):
-        rows = np.arange(start, min(start + batch_size, n_windows))[:, None] * block_size + np.arange(block_size + 1)
-        window = torch.from_numpy(tokens[rows].astype(np.int64)).to(device)
+    tokens = ShardTokens.of(tokens)
+    windows = _consecutive_windows(tokens, block_size, batch_size * max_batches)
+    total, count, loaded = 0.0, 0, (-1, None)
+    for first in range(0, len(windows), batch_size):
+        rows = []
+        for index, start, length in windows[first : first + batch_size]:
+            if loaded[0] != index:
+                loaded = (index, tokens.read(index))  # one shard in memory at a time
+            rows.append(loaded[1][start : start + length].astype(np.int64))
+        window = torch.from_numpy(np.stack(rows)).to(device)
         _, loss = model(window[:, :-1], window[:, 1:])
         scored = window[:, 1:].numel()
         total += loss.item() * scored
         count += scored
     return total / count, count
+
+
+def language_metrics(losses: dict[str | None, tuple[float, int]], totals: dict[str, Any]) -> dict[str, float]:
+    """The totals and, per language, loss, perplexity and bits per byte; `losses` maps a language (None: shards
+    written without one) to (mean loss, tokens scored), `totals` is the shard manifest's validation totals."""
+    metrics: dict[str, float] = {}
+    nats = tokens = text_bytes = scored = 0.0
+    for lang, (loss, n_scored) in sorted(losses.items(), key=lambda item: item[0] or ""):
+        row = totals.get("languages", {}).get(lang, totals) if lang else totals
+        nats, tokens = nats + loss * row["tokens"], tokens + row["tokens"]
+        text_bytes, scored = text_bytes + row["text_bytes"], scored + n_scored
+        if lang:
+            metrics.update({f"val_loss.{lang}": loss, f"val_perplexity.{lang}": math.exp(min(loss, 700)),
+                            f"val_bpb.{lang}": loss / math.log(2) * row["tokens"] / max(row["text_bytes"], 1),
+                            f"val_tokens_scored.{lang}": n_scored})
+    loss = nats / max(tokens, 1)
+    metrics.update({"val_loss": loss, "val_perplexity": math.exp(min(loss, 700)),
+                    "val_bpb": nats / math.log(2) / max(text_bytes, 1), "val_tokens_scored": scored})
+    return metrics
 
 
 def generate_samples(model: torch.nn.Module, tokenizer: Any, cfg: EvaluateConfig) -> list[dict[str, Any]]:
@@ -63,24 +104,16 @@ def evaluate(cfg: EvaluateConfig, out_dir: Path, log: logging.Logger, *,
              tokenizer: Artifact, shard: Artifact, train: Artifact) -> dict[str, Any]:
     model = load_model(train.path / WEIGHTS, train.path / MODEL_CONFIG)
     text_tokenizer = load_tokenizer(tokenizer.path)
-    val = load_split(shard, "val")
     block_size = train.manifest["model_config"]["block_size"]
-    loss, scored = validation_loss(model, val, block_size, cfg.batch_size, cfg.max_batches)
-    totals = shard.manifest["totals"]["val"]
-    tokens_per_byte = totals["tokens"] / max(totals["text_bytes"], 1)
-    metrics = {
-        "val_loss": loss,
-        "val_perplexity": math.exp(min(loss, 700)),
-        "val_bpb": loss / math.log(2) * tokens_per_byte,
-        "val_tokens_scored": scored,
-    }
+    losses = {lang: validation_loss(model, split_tokens(shard, "val", lang), block_size, cfg.batch_size,
+                                    cfg.max_batches) for lang in split_languages(shard, "val")}
+    metrics = language_metrics(losses, shard.manifest["totals"]["val"])
     samples = generate_samples(model, text_tokenizer, cfg)
     write_json(out_dir / METRICS, metrics)
     write_json(out_dir / SAMPLES, samples)
-    log.info(
-        "evaluate: val loss %.4f, perplexity %.2f, %.4f bits/byte over %d tokens",
-        metrics["val_loss"], metrics["val_perplexity"], metrics["val_bpb"], scored,
-    )
+    log.info("evaluate: val loss %.4f, perplexity %.2f, %.4f bits/byte over %d tokens%s", metrics["val_loss"],
+             metrics["val_perplexity"], metrics["val_bpb"], metrics["val_tokens_scored"],
+             "".join(f"; {lang}: {metrics[f'val_bpb.{lang}']:.4f} bits/byte" for lang in losses if lang))
     log.info("evaluate: sample (%s) %r", samples[0]["mode"], samples[0]["text"][:200])
     return {"metrics": metrics, "samples": samples, "files": describe_files(out_dir, [METRICS, SAMPLES])}
 

@@ -9,19 +9,26 @@ The fertility report is per language because a vocabulary learned mostly on Engl
 splitting Spanish or French words into many pieces; tokens per word and the share of words split into several pieces
 show that directly, bytes per token shows compression, the unknown rate shows coverage, and vocabulary use shows how
 much of the embedding table the data actually exercises.
+
+Neither reads the whole corpus into memory. The vocabulary is learned from a sample of about `train_bytes`, drawn by
+content hash (`tasks/corpus/sampling.py`), so it is spread evenly over the whole corpus, not its first megabytes, and
+stratified by language: each language's share goes as its size to the power `language_exponent` (1: proportional,
+0: equal). The fertility report encodes a sample of `fertility_bytes` per language drawn the same way.
 """
 from __future__ import annotations
 
 import io
-import json
 import logging
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator
 
-from model.tokenizer import BOS, EOS, UNK, CharTokenizer, load_tokenizer
+import numpy as np
+
+from model.tokenizer import BOS, EOS, SPECIALS, UNK, load_tokenizer
 from pipeline_config.schema import TokenizerConfig
-from tasks.corpus.reader import corpus
+from tasks.corpus.reader import Corpus
+from tasks.corpus.sampling import FERTILITY_SAMPLE, TOKENIZER_SAMPLE, in_sample, language_quotas
 from tasks.stage import Artifact, Stage, describe_files, prefect_task, write_atomic, write_json
 
 MODEL_FILE = "tokenizer.model"  # SentencePiece
@@ -29,18 +36,45 @@ VOCAB_FILE = "vocab.json"  # character-level
 REPORT = "fertility.json"
 MAX_SENTENCE_BYTES = 16384
 REPORT_WORDS_PER_LANGUAGE = 100_000
+Samples = dict[str, list[str]]  # language -> texts
 
 
-def _training_lines(texts: list[str], budget: int) -> Iterator[str]:
-    used = 0
+def _training_lines(texts: list[str]) -> Iterator[str]:
     for text in texts:
-        for line in text.split("\n"):
-            if not line.strip():
-                continue
-            used += len(line.encode("utf-8"))
-            if used > budget:
-                return
-            yield line
+        yield from (line for line in text.split("\n") if line.strip())
+
+
+def draw_samples(cfg: TokenizerConfig, corpus: Corpus) -> tuple[Samples, Samples]:
+    """The vocabulary's training sample and the fertility sample, per language, in one pass over the corpus."""
+    sizes = {lang: row["bytes"] for lang, row in corpus.languages.items()}
+    quotas = language_quotas(sizes, cfg.train_bytes, cfg.language_exponent)
+    rates = {
+        TOKENIZER_SAMPLE: {lang: quotas.get(lang, 0) / max(size, 1) for lang, size in sizes.items()},
+        FERTILITY_SAMPLE: {lang: cfg.fertility_bytes / max(size, 1) for lang, size in sizes.items()},
+    }
+    samples: dict[int, Samples] = {use: defaultdict(list) for use in rates}
+    for batch in corpus.batches():
+        languages = np.asarray(batch.languages, dtype=object)
+        for lang in sorted(set(batch.languages)):
+            rows = np.flatnonzero(languages == lang)
+            for use, rate in rates.items():
+                picked = rows[in_sample(batch.hashes[rows], rate.get(lang, 1.0), use)]
+                samples[use][lang].extend(batch.texts[i] for i in picked)
+    return dict(samples[TOKENIZER_SAMPLE]), dict(samples[FERTILITY_SAMPLE])
+
+
+def _sample_summary(samples: Samples) -> dict[str, dict[str, int]]:
+    return {lang: {"documents": len(texts), "bytes": sum(len(t.encode("utf-8")) for t in texts)}
+            for lang, texts in sorted(samples.items())}
+
+
+def char_vocabulary(corpus: Corpus) -> list[str]:
+    """Every character of the whole corpus (streamed; a character vocabulary has no fallback for unseen ones)."""
+    seen: set[str] = set()
+    for batch in corpus.batches():
+        for text in batch.texts:
+            seen.update(text)
+    return SPECIALS + sorted(seen)
 
 
 def train_sentencepiece(cfg: TokenizerConfig, texts: list[str], out_dir: Path) -> None:
@@ -48,7 +82,7 @@ def train_sentencepiece(cfg: TokenizerConfig, texts: list[str], out_dir: Path) -
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_lines(texts, cfg.train_bytes),
+        sentence_iterator=_training_lines(texts),
         model_writer=model,
         model_type=cfg.model_type,
         vocab_size=cfg.vocab_size,
@@ -90,29 +124,29 @@ def fertility(tokenizer: Any, texts: list[str], num_threads: int = 1) -> dict[st
     }
 
 
-def fertility_report(tokenizer: Any, records: list[dict[str, str]], num_threads: int = 1) -> dict[str, Any]:
-    by_language: dict[str, list[str]] = defaultdict(list)
-    for record in records:
-        by_language[record.get("language", "en")].append(record["text"])
+def fertility_report(tokenizer: Any, samples: Samples, num_threads: int = 1) -> dict[str, Any]:
     return {
         "kind": tokenizer.kind,
         "vocab_size": tokenizer.vocab_size,
-        "languages": {lang: fertility(tokenizer, texts, num_threads) for lang, texts in sorted(by_language.items())},
+        "languages": {lang: fertility(tokenizer, texts, num_threads) for lang, texts in sorted(samples.items()) if texts},
     }
 
 
-def build_tokenizer(cfg: TokenizerConfig, records: list[dict[str, str]], out_dir: Path, log: logging.Logger) -> dict[str, Any]:
-    texts = [r["text"] for r in records]
-    if not texts:
+def build_tokenizer(cfg: TokenizerConfig, corpus: Corpus | list[dict[str, str]], out_dir: Path,
+                    log: logging.Logger) -> dict[str, Any]:
+    """Learn the vocabulary of `corpus` (or of documents given as {text, language} records) into `out_dir`."""
+    corpus = Corpus.from_records(corpus) if isinstance(corpus, list) else corpus
+    if not corpus.chunks:
         raise ValueError("tokenizer: the corpus is empty (acquire and synthesize produced no documents)")
+    train_sample, fertility_sample = draw_samples(cfg, corpus)
     if cfg.kind == "char":
-        write_json(out_dir / VOCAB_FILE, CharTokenizer.vocabulary(texts))
+        write_json(out_dir / VOCAB_FILE, char_vocabulary(corpus))
         files = [VOCAB_FILE]
     else:
-        train_sentencepiece(cfg, texts, out_dir)
+        train_sentencepiece(cfg, [t for lang in sorted(train_sample) for t in train_sample[lang]], out_dir)
         files = [MODEL_FILE]
     tokenizer = load_tokenizer(out_dir)
-    report = fertility_report(tokenizer, records, cfg.num_threads)
+    report = fertility_report(tokenizer, fertility_sample, cfg.num_threads)
     write_json(out_dir / REPORT, report)
     for lang, row in report["languages"].items():
         log.info(
@@ -126,13 +160,14 @@ def build_tokenizer(cfg: TokenizerConfig, records: list[dict[str, str]], out_dir
         "bos_id": tokenizer.bos_id,
         "eos_id": tokenizer.eos_id,
         "fertility": report["languages"],
+        "sample": {"train": _sample_summary(train_sample), "fertility": _sample_summary(fertility_sample)},
         "files": describe_files(out_dir, files + [REPORT]),
     }
 
 
 def tokenizer(cfg: TokenizerConfig, out_dir: Path, log: logging.Logger, *,
               acquire: Artifact | None, synthesize: Artifact | None) -> dict[str, Any]:
-    return build_tokenizer(cfg, corpus(acquire, synthesize), out_dir, log)
+    return build_tokenizer(cfg, Corpus.of(acquire, synthesize), out_dir, log)
 
 
 STAGE = Stage(name="tokenizer", run=tokenizer, inputs=("acquire", "synthesize"))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline_config.schema import TrainConfig
-from tasks.corpus.reader import load_split
+from tasks.corpus.reader import split_tokens
 from tasks.stage import Artifact, Stage, atomic_path, describe_files, prefect_task, write_json
 from tasks.training.checkpoints import WEIGHTS
 from tasks.training.loop import METRICS, TrainingDiverged, train  # noqa: F401  (what callers import from the stage)
@@ -27,7 +27,7 @@ def train_stage(cfg: TrainConfig, out_dir: Path, log: logging.Logger, *, shard: 
     from safetensors.torch import save_model
 
     summary, model = train(
-        cfg, load_split(shard, "train"), load_split(shard, "val"), shard.manifest["vocab_size"], out_dir, log
+        cfg, split_tokens(shard, "train"), split_tokens(shard, "val"), shard.manifest["vocab_size"], out_dir, log
     )
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes the artifact
         return summary

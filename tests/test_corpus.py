@@ -151,3 +151,41 @@ def test_encoding_must_be_known_and_ascii_compatible():
         SourceConfig(path="x", encoding="utf-16")
     with pytest.raises(ValueError, match="needs 'separator'"):
         SourceConfig(path="x", split_by="separator")
+
+
+def test_a_french_txt_with_cr_and_a_bom_is_trained_and_evaluated_as_its_own_language(tmp_path, small_corpus):
+    """acquire -> tokenizer -> shard -> train -> evaluate as plain stage functions: the French file becomes many
+    documents, French lands in both splits, and evaluate reports French bits per byte beside the total."""
+    from pipeline_config.schema import EvaluateConfig, ShardConfig, TokenizerConfig
+    from tasks.evaluate import evaluate
+    from tasks.shard import shard
+    from tasks.stage import write_manifest
+    from tasks.tokenizer import tokenizer
+    from tasks.train import train_stage
+    from tests.test_train import tiny_train_config
+
+    paragraphs = [f"Fable {i}. Le renard {i} parla au corbeau perché sur l'arbre numéro {i}, et le fromage tomba."
+                  for i in range(120)]
+    (tmp_path / "fables.txt").write_bytes(("\ufeff" + "\r\r".join(paragraphs) + "\r").encode())
+    sources = [SourceConfig(path=str(small_corpus)), SourceConfig(path=str(tmp_path / "fables.txt"), language="fr")]
+    artifacts = {}
+    steps = [("acquire", lambda out: acquire(AcquireConfig(sources=sources, batch_bytes=20_000), out, LOG)),
+             ("tokenizer", lambda out: tokenizer(TokenizerConfig(vocab_size=400), out, LOG,
+                                                 acquire=artifacts["acquire"], synthesize=None)),
+             ("shard", lambda out: shard(ShardConfig(tokens_per_shard=4000, val_fraction=0.1), out, LOG,
+                                         acquire=artifacts["acquire"], synthesize=None,
+                                         tokenizer=artifacts["tokenizer"])),
+             ("train", lambda out: train_stage(tiny_train_config(max_steps=4), out, LOG, shard=artifacts["shard"])),
+             ("evaluate", lambda out: evaluate(EvaluateConfig(max_batches=2, max_new_tokens=4, prompts=["le"]), out,
+                                               LOG, tokenizer=artifacts["tokenizer"], shard=artifacts["shard"],
+                                               train=artifacts["train"]))]
+    for name, run in steps:
+        (tmp_path / name).mkdir()
+        artifacts[name] = write_manifest(tmp_path / name, name, run(tmp_path / name))
+    assert artifacts["acquire"].manifest["languages"]["fr"]["documents"] == 120
+    totals = artifacts["shard"].manifest["totals"]
+    assert totals["train"]["languages"]["fr"]["documents"] > 80 and totals["val"]["languages"]["fr"]["documents"] > 3
+    metrics = artifacts["evaluate"].manifest["metrics"]
+    assert {"val_bpb", "val_bpb.en", "val_bpb.fr", "val_perplexity.fr", "val_loss.en"} <= set(metrics)
+    assert min(metrics["val_bpb.en"], metrics["val_bpb.fr"]) <= metrics["val_bpb"] <= \
+        max(metrics["val_bpb.en"], metrics["val_bpb.fr"])

@@ -15,8 +15,9 @@ import pytest
 from pipeline_config.schema import AcquireConfig, ShardConfig, SourceConfig, TokenizerConfig
 from tasks.acquire import AcquireError, acquire, download, normalize
 from tasks.stage import write_manifest
-from tasks.corpus.reader import load_split
-from tasks.shard import frame_documents, shard_corpus, split_of
+from tasks.corpus.reader import Corpus, split_tokens
+from tasks.corpus.sampling import content_hashes
+from tasks.shard import frame_documents, held_out, shard_corpus
 from tasks.tokenizer import build_tokenizer
 from tests.loopback import LoopbackServer, send_range
 
@@ -164,9 +165,9 @@ def test_char_tokenizer_round_trips(tmp_path, small_corpus):
 
 def test_split_is_by_content_and_stable():
     texts = [f"document number {i}" for i in range(2000)]
-    splits = [split_of(t, 0.1) for t in texts]
-    assert 100 < splits.count("val") < 300
-    assert [split_of(t, 0.1) for t in reversed(texts)] == splits[::-1]
+    splits = held_out(content_hashes(texts), 0.1)
+    assert 100 < splits.sum() < 300
+    assert held_out(content_hashes(texts[::-1]), 0.1).tolist() == splits[::-1].tolist()
 
 
 def test_frame_documents_wraps_each_document():
@@ -174,25 +175,91 @@ def test_frame_documents_wraps_each_document():
     assert framed.tolist() == [1, 5, 6, 2, 1, 2, 1, 7, 2]
 
 
-def test_shards_are_deterministic_and_load_zero_copy(tmp_path, small_corpus):
-    records = _records(small_corpus)
+def test_shards_are_fixed_size_deterministic_whatever_the_chunking_and_load_zero_copy(tmp_path, small_corpus,
+                                                                                      monkeypatch):
+    import tasks.corpus.reader as reader
+
+    records = _records(small_corpus) + [{"text": "la gata duerme al sol toda la tarde.", "language": "es"}]
     tok_dir = tmp_path / "tok"
     tok_dir.mkdir()
     build_tokenizer(TokenizerConfig(vocab_size=320), records, tok_dir, LOG)
     outs = []
-    for name in ("a", "b"):
+    for name, chunk_bytes, workers in (("a", 4_000_000, 2), ("b", 9_000, 1)):  # 1 chunk vs ~15, 2 threads vs 1
+        monkeypatch.setattr(reader, "INLINE_CHUNK_BYTES", chunk_bytes)
         out = tmp_path / name
         out.mkdir()
-        outs.append(shard_corpus(ShardConfig(docs_per_shard=40, val_fraction=0.1), records, tok_dir, out, LOG))
+        cfg = ShardConfig(tokens_per_shard=5000, val_fraction=0.1, num_workers=workers)
+        outs.append(shard_corpus(cfg, Corpus.from_records(records), tok_dir, out, LOG))
+    assert outs[1]["chunks"] > 10 > outs[0]["chunks"]
     assert [s["sha256"] for s in outs[0]["shards"]] == [s["sha256"] for s in outs[1]["shards"]]
     manifest = outs[0]
-    assert manifest["dtype"] == "uint16" and len(manifest["shards"]) >= 4
+    train_shards = [s for s in manifest["shards"] if s["split"] == "train"]
+    assert manifest["dtype"] == "uint16" and all(s["tokens"] == 5000 for s in train_shards[:-1])
+    assert {s["language"] for s in manifest["shards"] if s["split"] == "val"} == {"en", "es"}  # es: 1 doc of 2
     assert pq.ParquetFile(tmp_path / "a" / manifest["shards"][0]["file"]).metadata.num_row_groups == 1
+    assert not (tmp_path / "a" / ".runs").exists()
     artifact = write_manifest(tmp_path / "a", "shard", manifest)
-    single = [s for s in manifest["shards"] if s["split"] == "val"]
-    val = load_split(artifact, "val")
-    assert val.dtype == np.uint16 and val.size == manifest["totals"]["val"]["tokens"]
-    if len(single) == 1:
-        assert not val.flags.writeable  # zero-copy view of the Arrow buffer
-    train = load_split(artifact, "train")
-    assert train.size == manifest["totals"]["train"]["tokens"] and train[0] == 1  # starts with <s>
+    val = split_tokens(artifact, "val", "en")
+    assert val.size == manifest["totals"]["val"]["languages"]["en"]["tokens"]
+    assert val.shard(0).dtype == np.uint16 and not val.shard(0).flags.writeable  # zero-copy view of Arrow's buffer
+    train = split_tokens(artifact, "train")
+    assert train.size == manifest["totals"]["train"]["tokens"] and len(train) == len(train_shards)
+    assert train.shard(0)[0] == 1  # starts with <s>
+
+
+def test_language_quotas_are_proportional_or_equal_and_capped():
+    from tasks.corpus.sampling import language_quotas
+
+    sizes = {"en": 9_000, "es": 1_000, "fr": 100}
+    assert language_quotas(sizes, 1_000, 1.0) == {"en": 891, "es": 99, "fr": 9}
+    assert language_quotas(sizes, 1_200, 0.0) == {"fr": 100, "en": 550, "es": 550}  # fr has less than a third
+    assert language_quotas(sizes, 50_000, 1.0) == sizes  # the whole corpus fits
+
+
+def test_tokenizer_sample_spans_the_corpus_and_every_language(tmp_path):
+    """English listed first, Spanish last: a sample of the first bytes would be English only."""
+    en = [{"text": f"the little dog number {i} ran to the park and played with a red ball.", "language": "en"}
+          for i in range(3000)]
+    es = [{"text": f"el perrito número {i} corrió al parque y jugó con una pelota roja.", "language": "es"}
+          for i in range(1000)]
+    cfg = TokenizerConfig(vocab_size=300, train_bytes=40_000, fertility_bytes=5_000)
+    summary = build_tokenizer(cfg, en + es, tmp_path, LOG)
+    sample = summary["sample"]["train"]
+    assert 0.15 < sample["es"]["bytes"] / (sample["en"]["bytes"] + sample["es"]["bytes"]) < 0.35  # es is 25%
+    assert 30_000 < sample["en"]["bytes"] + sample["es"]["bytes"] < 50_000
+    assert all(4_000 < row["bytes"] < 6_500 for row in summary["sample"]["fertility"].values())
+    balanced = build_tokenizer(cfg.model_copy(update={"language_exponent": 0.0}), en + es, tmp_path / "b", LOG)
+    shares = {lang: row["bytes"] for lang, row in balanced["sample"]["train"].items()}
+    assert 0.8 < shares["es"] / shares["en"] < 1.25
+
+
+def test_windows_are_drawn_inside_one_shard_and_one_shard_is_the_flat_draw():
+    from tasks.corpus.reader import ShardTokens
+    from tasks.training.data import Windows
+
+    shards = [np.full(n, i, dtype=np.uint16) for i, n in enumerate((40, 3, 500, 90))]  # shard 1 is too short
+    tokens = ShardTokens([None] * 4, [a.size for a in shards], shards)
+    x, y = Windows(tokens, block_size=16, seed=0).batch(256, 0, 5)
+    assert all(len(set(row.tolist())) == 1 for row in x)  # every window within one shard
+    counts = np.bincount(x[:, 0].numpy(), minlength=4)
+    assert counts[1] == 0 and counts[2] > 5 * counts[0] > 0 and counts[3] > 0  # uniform over valid starts
+    flat = np.arange(1000, dtype=np.uint16)
+    rng = np.random.default_rng([7, 3, 1])
+    starts = rng.integers(0, flat.size - 16 - 1, size=4)
+    xf, _ = Windows(flat, block_size=16, seed=7).batch(4, 3, 1)
+    assert xf[:, 0].tolist() == starts.tolist()  # the draw a flat array always had
+
+
+def test_per_language_metrics_weight_each_language_by_its_held_out_text():
+    import math
+
+    from tasks.evaluate import language_metrics
+
+    totals = {"tokens": 300, "text_bytes": 1000, "languages": {"en": {"tokens": 200, "text_bytes": 800},
+                                                                "fr": {"tokens": 100, "text_bytes": 200}}}
+    metrics = language_metrics({"en": (1.0, 64), "fr": (2.0, 32)}, totals)
+    assert metrics["val_bpb.fr"] == pytest.approx(2.0 / math.log(2) * 100 / 200)
+    assert metrics["val_bpb.en"] == pytest.approx(1.0 / math.log(2) * 200 / 800)
+    assert metrics["val_loss"] == pytest.approx((1.0 * 200 + 2.0 * 100) / 300)
+    assert metrics["val_bpb"] == pytest.approx((1.0 * 200 + 2.0 * 100) / math.log(2) / 1000)
+    assert metrics["val_perplexity.fr"] == pytest.approx(math.exp(2.0)) and metrics["val_tokens_scored"] == 96

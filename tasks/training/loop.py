@@ -25,8 +25,10 @@ import torch.nn as nn
 
 from model import ModelConfig, build_model
 from pipeline_config.schema import TrainConfig
+from tasks.corpus.reader import ShardTokens
 from tasks.stage import PipelineError, read_jsonl, write_atomic
 from tasks.training.checkpoints import CHECKPOINTS, load_checkpoint, save_checkpoint
+from tasks.training.data import Windows  # noqa: F401  (windows per shard; imported from here too)
 from tasks.training.devices import autocast, autocast_dtype, pick_device
 from tasks.training.distributed import agreed_elapsed, init_distributed
 from tasks.training.emissions import emissions_tracker
@@ -37,26 +39,6 @@ TRAIN_STREAM, EVAL_STREAM = 0, 1  # first element of every window key: training 
 
 class TrainingDiverged(PipelineError, RuntimeError):
     """The loss became NaN/inf; the message names the step and the last good checkpoint."""
-
-
-class Windows:
-    """Random (x, y) windows of a flat token array; the draw for a given key is always the same."""
-
-    def __init__(self, tokens: np.ndarray, block_size: int, seed: int):
-        if tokens.size <= block_size + 1:
-            raise ValueError(
-                f"only {tokens.size} tokens for a context of {block_size}: lower train.model.block_size or add data"
-            )
-        self.tokens, self.block_size, self.seed = tokens, block_size, seed
-        self.offsets = np.arange(block_size + 1)
-
-    def batch(self, batch_size: int, *key: int, part: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
-        """The global batch for `key`; `part=(rank, world)` returns this rank's slice of it."""
-        rng = np.random.default_rng([self.seed, *key])
-        starts = rng.integers(0, self.tokens.size - self.block_size - 1, size=batch_size * part[1])
-        starts = starts[part[0] * batch_size : (part[0] + 1) * batch_size]
-        window = torch.from_numpy(self.tokens[starts[:, None] + self.offsets].astype(np.int64))
-        return window[:, :-1], window[:, 1:]
 
 
 @torch.no_grad()
@@ -171,9 +153,11 @@ def _append_metrics(path: Path, row: dict[str, Any]) -> None:
 
 
 def train(
-    cfg: TrainConfig, tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int, out_dir: Path, log: logging.Logger
+    cfg: TrainConfig, tokens: np.ndarray | ShardTokens, val_tokens: np.ndarray | ShardTokens, vocab_size: int,
+    out_dir: Path, log: logging.Logger,
 ) -> tuple[dict[str, Any], nn.Module]:
-    """Train to `cfg.max_steps` (resuming from `out_dir/checkpoints`); returns the summary and the model."""
+    """Train to `cfg.max_steps` (resuming from `out_dir/checkpoints`) on a split's shards (or one flat array);
+    returns the summary and the model."""
     s = _session(cfg, vocab_size, out_dir)
     if s.leader:
         log.info(
