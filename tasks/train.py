@@ -18,7 +18,7 @@ from pipeline_config.schema import TrainConfig
 from tasks.corpus.reader import split_tokens
 from tasks.stage import Artifact, Stage, atomic_path, describe_files, prefect_task, write_json
 from tasks.training.checkpoints import WEIGHTS
-from tasks.training.loop import METRICS, TrainingDiverged, train  # noqa: F401  (what callers import from the stage)
+from tasks.training.loop import METRICS, RESUMABLE_KNOBS, TrainingDiverged, train  # noqa: F401  (callers import these)
 
 MODEL_CONFIG = "model_config.json"
 
@@ -37,7 +37,8 @@ def train_stage(cfg: TrainConfig, out_dir: Path, log: logging.Logger, *, shard: 
     return {**summary, "files": describe_files(out_dir, [WEIGHTS, MODEL_CONFIG])}
 
 
-STAGE = Stage(name="train", run=train_stage, inputs=("shard",))
+# A re-run with another learning rate or time budget shares the work directory, so it can resume (see the loop).
+STAGE = Stage(name="train", run=train_stage, inputs=("shard",), workdir_ignores=RESUMABLE_KNOBS)
 train_task = prefect_task(STAGE)
 
 if __name__ == "__main__":

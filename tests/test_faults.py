@@ -313,3 +313,105 @@ def test_no_wait_fails_at_once_naming_the_holder_and_a_sigkilled_holder_frees_th
     holder.wait(timeout=10)
     after = _holder(root, 0.0, wait=False)  # the OS dropped the dead holder's lock: no stale lock to clean up
     assert after.communicate(timeout=60)[0].startswith("held") and after.returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def _train(cfg, out: Path):
+    from tasks.training.loop import train
+    from tests.test_train import corpus_tokens
+
+    return train(cfg, corpus_tokens(), corpus_tokens(800), 64, out, LOG)[0]
+
+
+def _poison_gradient_at(monkeypatch, step: int) -> None:
+    """From optimizer step `step` (1-based) on, the first parameter's gradient is NaN while the loss stays finite."""
+    import torch
+
+    import tasks.training.loop as loop
+
+    real = loop.build_model
+
+    def build(cfg):
+        model = real(cfg)
+        calls = [0]
+
+        def hook(grad):
+            calls[0] += 1
+            return torch.full_like(grad, float("nan")) if calls[0] >= step else grad
+
+        next(model.parameters()).register_hook(hook)
+        return model
+
+    monkeypatch.setattr(loop, "build_model", build)
+
+
+def _finite_checkpoint(out: Path) -> tuple[int, bool]:
+    import torch
+    from safetensors.torch import load_file
+
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())
+    weights = load_file(str(out / "checkpoints" / latest["path"] / "model.safetensors"))
+    return latest["step"], all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_a_torn_latest_checkpoint_falls_back_to_the_one_before_and_a_torn_metrics_line_is_dropped(tmp_path):
+    from tests.test_train import tiny_train_config
+
+    _train(tiny_train_config(max_steps=6, checkpoint_interval=3, eval_interval=3), tmp_path)
+    weights = tmp_path / "checkpoints" / "step-00000006" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # torn
+    with open(tmp_path / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 7, "lo')  # what a kill mid-append leaves
+    summary = _train(tiny_train_config(max_steps=9, checkpoint_interval=3, eval_interval=3), tmp_path)
+    assert summary["resumed_from"] == 3 and summary["steps"] == 9
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 10))
+
+
+def test_a_nonfinite_gradient_with_a_finite_loss_stops_before_any_checkpoint_holds_it(tmp_path, monkeypatch):
+    from tasks.training.loop import TrainingDiverged
+    from tests.test_train import tiny_train_config
+
+    _poison_gradient_at(monkeypatch, 5)
+    with pytest.raises(TrainingDiverged, match="gradient norm became nan.*step 5"):
+        _train(tiny_train_config(max_steps=10, checkpoint_interval=1, grad_clip=0), tmp_path)
+    assert _finite_checkpoint(tmp_path) == (4, True)
+
+
+def test_a_diverged_run_resumes_from_its_last_finite_checkpoint_with_a_new_learning_rate(tmp_path, monkeypatch):
+    from tasks.train import STAGE
+    from tasks.training.loop import TrainingDiverged
+    from tests.test_train import tiny_train_config
+
+    first, lowered = tiny_train_config(max_steps=10, checkpoint_interval=3), tiny_train_config(
+        max_steps=10, checkpoint_interval=3, learning_rate=3e-4, warmup_steps=5)
+    shard = {"shard": None}
+    assert STAGE.workdir(tmp_path, first, shard) == STAGE.workdir(tmp_path, lowered, shard)
+    assert STAGE.key(first, shard) != STAGE.key(lowered, shard)
+    out = STAGE.workdir(tmp_path, first, shard)
+    _poison_gradient_at(monkeypatch, 8)
+    with pytest.raises(TrainingDiverged, match="resumes from the last good checkpoint"):
+        _train(first, out)
+    monkeypatch.undo()
+    summary = _train(lowered, out)
+    assert summary["resumed_from"] == 6 and summary["steps"] == 10
+    assert _finite_checkpoint(out) == (10, True)
+
+
+def test_a_new_learning_rate_on_a_finished_run_trains_from_scratch(tmp_path):
+    from tests.test_train import tiny_train_config
+
+    _train(tiny_train_config(max_steps=6, checkpoint_interval=3), tmp_path)
+    summary = _train(tiny_train_config(max_steps=6, checkpoint_interval=3, learning_rate=3e-4), tmp_path)
+    assert summary["resumed_from"] == 0 and summary["steps"] == 6  # not the old weights under a new label
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+
+
+def test_a_validation_split_shorter_than_the_context_names_the_split_and_the_fix(tmp_path):
+    from tasks.stage import PipelineError
+    from tasks.training.loop import train
+    from tests.test_train import corpus_tokens, tiny_train_config
+
+    with pytest.raises(PipelineError, match="the val split is too short.*block_size=16.*shard.val_fraction"):
+        train(tiny_train_config(max_steps=2), corpus_tokens(), corpus_tokens(12), 64, tmp_path, LOG)

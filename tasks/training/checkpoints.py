@@ -3,10 +3,15 @@
 A checkpoint is a directory written under a temporary name and renamed into place, then `latest.json` is swapped
 atomically to point at it; a kill mid-write leaves the previous checkpoint untouched. The last `KEEP_CHECKPOINTS`
 are kept. Nothing here unpickles: tensors are safetensors, everything else JSON.
+
+Loading trusts nothing it reads: a checkpoint whose files are torn or unreadable, or whose weights are not all
+finite, is skipped with a warning for the one before it (newest first, `latest.json` only a hint), and every file
+of a candidate is read before any of it is applied, so a bad one leaves the model untouched.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -61,18 +66,50 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+    log: logging.Logger | None = None,
 ) -> dict[str, Any] | None:
-    """Restore the newest checkpoint into `model` and `optimizer`; None when there is none."""
-    from safetensors.torch import load_file, load_model
+    """Restore the newest sound checkpoint into `model` and `optimizer`; None when there is none."""
+    log = log or logging.getLogger("scriptorium.train")
+    for path in checkpoint_candidates(directory):
+        try:
+            meta, weights, tensors = _read_checkpoint(path)
+        except Exception as exc:  # torn, truncated or foreign files: safetensors, JSON and OS errors alike
+            log.warning("checkpoint %s is unreadable (%s: %s); trying the one before it", path, type(exc).__name__,
+                        str(exc).splitlines()[0][:160] if str(exc) else "")
+            continue
+        if not all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point()):
+            log.warning("checkpoint %s holds non-finite weights; trying the one before it", path)
+            continue
+        _apply(path, meta, tensors, model, optimizer, device)
+        return meta
+    return None
 
-    pointer = directory / "latest.json"
-    if not pointer.is_file():
-        return None
-    path = directory / json.loads(pointer.read_text())["path"]
+
+def checkpoint_candidates(directory: Path) -> list[Path]:
+    """Checkpoints newest first: the one `latest.json` names, then every `step-*` directory by step."""
+    steps = sorted((p for p in Path(directory).glob("step-*") if p.is_dir()), reverse=True)
+    try:
+        named = Path(directory) / json.loads((Path(directory) / "latest.json").read_text())["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return steps
+    return [named] + [p for p in steps if p != named] if named in steps else steps
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
     meta = json.loads((path / "trainer.json").read_text())
-    load_model(model, str(path / WEIGHTS), device=str(device))
-    tensors = load_file(str(path / "optimizer.safetensors"))
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or "param_groups" not in meta:
+        raise ValueError("trainer.json has no step or no param_groups")
+    return meta, load_file(str(path / WEIGHTS)), load_file(str(path / "optimizer.safetensors"))
+
+
+def _apply(path: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module,
+           optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    from safetensors.torch import load_model
+
+    load_model(model, str(path / WEIGHTS), device=str(device))  # handles tied embeddings, as save_model did
     slots: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
@@ -82,4 +119,3 @@ def load_checkpoint(
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return meta

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch.nn as nn
 from model import ModelConfig, build_model
 from pipeline_config.schema import TrainConfig
 from tasks.corpus.reader import ShardTokens
-from tasks.stage import PipelineError, read_jsonl, write_atomic
+from tasks.stage import PipelineError, read_jsonl, write_atomic, write_json
 from tasks.training.checkpoints import CHECKPOINTS, load_checkpoint, save_checkpoint
 from tasks.training.data import Windows  # noqa: F401  (windows per shard; imported from here too)
 from tasks.training.devices import autocast, autocast_dtype, pick_device
@@ -38,7 +39,18 @@ TRAIN_STREAM, EVAL_STREAM = 0, 1  # first element of every window key: training 
 
 
 class TrainingDiverged(PipelineError, RuntimeError):
-    """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+    """The loss or the gradient became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+class SplitTooShort(PipelineError, ValueError):
+    """A split holds no window of the context length; the message names the split and the fix."""
+
+
+# Knobs a diverged run is re-run with: they do not change the train stage's work directory, so the re-run resumes
+# from the last finite checkpoint. The time budget is one too (a stopping rule). A change to a learning-rate knob
+# *without* a divergence starts over, so a finished run never passes for one trained under the new schedule.
+RESUMABLE_KNOBS = frozenset({"learning_rate", "min_lr_ratio", "warmup_steps", "grad_clip", "max_seconds"})
+DIVERGED = "diverged.json"
 
 
 @torch.no_grad()
@@ -129,6 +141,13 @@ def _session(cfg: TrainConfig, vocab_size: int, out_dir: Path) -> Session:
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
     checkpoints = out_dir / CHECKPOINTS
     meta = load_checkpoint(checkpoints, model, optimizer, device) or {}
+    if meta and not _may_resume(cfg, meta, checkpoints, rank):
+        _start_over(checkpoints, out_dir / METRICS, rank, world)
+        torch.manual_seed(cfg.seed + rank)  # the same initial weights as a run that never had a checkpoint
+        model = build_model(mcfg).to(device)
+        optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                               device.type)
+        meta = {}
     runner: nn.Module = model
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -138,6 +157,40 @@ def _session(cfg: TrainConfig, vocab_size: int, out_dir: Path) -> Session:
     start = meta.get("step", 0)
     return Session(cfg, rank, world, device, autocast_dtype(cfg.dtype, device), mcfg, model, runner, optimizer,
                    checkpoints, start, start, meta.get("best_val", math.inf), meta.get("stale", 0))
+
+
+def schedule(cfg: TrainConfig) -> dict[str, Any]:
+    """The resumable knobs a checkpoint was trained under (saved in it, compared on resume)."""
+    return {name: getattr(cfg, name) for name in sorted(RESUMABLE_KNOBS)}
+
+
+def _may_resume(cfg: TrainConfig, meta: dict[str, Any], checkpoints: Path, rank: int) -> bool:
+    """Whether a checkpoint trained under other resumable knobs may be resumed: yes after a divergence (that is what
+    the new learning rate is for) or when only the time budget changed; otherwise training starts over."""
+    log = logging.getLogger("scriptorium.train")
+    saved = meta.get("schedule")
+    changed = {k: (saved.get(k), v) for k, v in schedule(cfg).items() if saved.get(k) != v} if saved else {}
+    if set(changed) <= {"max_seconds"}:
+        return True
+    described = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in sorted(changed.items()))
+    if (checkpoints / DIVERGED).is_file():
+        if rank == 0:
+            log.info("train: resuming the diverged run from step %d with %s", meta["step"], described)
+        return True
+    if rank == 0:
+        log.info("train: %s changed and the previous run did not diverge: training starts over", described)
+    return False
+
+
+def _start_over(checkpoints: Path, metrics: Path, rank: int, world: int) -> None:
+    """Remove the checkpoints and curve of a run that is not resumed (the leader does; the others wait for it)."""
+    if world > 1:
+        torch.distributed.barrier()  # every rank has read the checkpoint before the leader removes it
+    if rank == 0:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        metrics.unlink(missing_ok=True)
+    if world > 1:
+        torch.distributed.barrier()
 
 
 def _drop_rows_after(path: Path, step: int) -> None:
@@ -166,7 +219,8 @@ def train(
             "bf16 autocast" if s.dtype else "fp32", f"resuming at step {s.start}" if s.start else "from scratch",
         )
         _drop_rows_after(out_dir / METRICS, s.start)
-    windows = Windows(tokens, s.mcfg.block_size, cfg.seed), Windows(val_tokens, s.mcfg.block_size, cfg.seed)
+    windows = _windows(tokens, "train", s.mcfg.block_size, cfg.seed), _windows(val_tokens, "val", s.mcfg.block_size,
+                                                                             cfg.seed)
     tracker = emissions_tracker(cfg.track_emissions, cfg.country_iso_code, out_dir) if s.leader else None
     if tracker:
         tracker.start()
@@ -176,6 +230,17 @@ def train(
     finally:
         emissions = tracker.stop() if tracker else None
     return _summary(s, time.perf_counter() - started, tracker, emissions), s.model
+
+
+def _windows(tokens: np.ndarray | ShardTokens, split: str, block_size: int, seed: int) -> Windows:
+    """The split's windows, or a project error that names the split and what to change."""
+    try:
+        return Windows(tokens, block_size, seed)
+    except ValueError as exc:
+        fix = "raise shard.val_fraction (the share of documents held out) or add data" if split == "val" else \
+            "add data"
+        raise SplitTooShort(f"the {split} split is too short for train.model.block_size={block_size} ({exc}): {fix}, "
+                            "or lower train.model.block_size") from None
 
 
 def _loop(s: Session, windows: tuple[Windows, Windows], metrics_path: Path, log: logging.Logger) -> None:
@@ -201,7 +266,9 @@ def _loop(s: Session, windows: tuple[Windows, Windows], metrics_path: Path, log:
             _append_metrics(metrics_path, row)
             _log_progress(s, row, logged, log)
             if s.done % cfg.checkpoint_interval == 0 or s.done == cfg.max_steps or s.stopped_early:
-                save_checkpoint(s.checkpoints, s.done, s.model, s.optimizer, {"best_val": s.best_val, "stale": s.stale})
+                save_checkpoint(s.checkpoints, s.done, s.model, s.optimizer,
+                                {"best_val": s.best_val, "stale": s.stale, "schedule": schedule(cfg)})
+                (s.checkpoints / DIVERGED).unlink(missing_ok=True)  # a checkpoint under the new knobs: resumed
         if s.stopped_early:
             reason = f"{cfg.max_seconds:.0f} s budget spent" if s.out_of_time else \
                 f"no val improvement in {s.stale} evaluations"
@@ -221,17 +288,30 @@ def _step(s: Session, windows: Windows, step: int) -> float:
         loss.backward()
         step_loss += loss.item()
     if not math.isfinite(step_loss):
-        pointer = s.checkpoints / "latest.json"
-        good = json.loads(pointer.read_text())["path"] if pointer.is_file() else "none"
-        raise TrainingDiverged(
-            f"loss became {step_loss} at step {step + 1}; last good checkpoint: {s.checkpoints / good}. "
-            "Lower train.learning_rate or raise train.warmup_steps, then re-run (it resumes from there)."
-        )
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.grad_clip)
+        _diverged(s, step, f"loss became {step_loss}")
+    # The norm is computed (and clipped when grad_clip > 0) every step: a finite loss with a non-finite gradient
+    # would otherwise write NaN weights, and the next checkpoint with them.
+    norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    if not math.isfinite(norm.item()):
+        _diverged(s, step, f"the gradient norm became {norm.item()} (loss {step_loss:.4f})")
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
     return step_loss
+
+
+def _diverged(s: Session, step: int, what: str) -> None:
+    """Record the divergence beside the checkpoints (so a re-run with new knobs resumes) and stop."""
+    try:
+        good = json.loads((s.checkpoints / "latest.json").read_text())["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        good = None
+    if s.leader:
+        write_json(s.checkpoints / DIVERGED, {"step": step + 1, "what": what, "schedule": schedule(s.cfg)})
+    where = f"the last good checkpoint, {s.checkpoints / good}" if good else "the start (no checkpoint yet)"
+    raise TrainingDiverged(
+        f"{what} at step {step + 1}. Lower train.learning_rate, raise train.warmup_steps or set train.grad_clip, then "
+        f"re-run: it resumes from {where}."
+    )
 
 
 def _estimate_val(s: Session, windows: Windows) -> float:
