@@ -1,7 +1,7 @@
 """build-model: raw text to a registered small language model, each stage cached on what it depends on.
 
     acquire ─┐
-             ├─> tokenizer ─> shard ─> train ─> evaluate ─> register
+             ├─> tokenizer ─> shard ─> train ─> evaluate ─> export ─> register
     synthesize ┘
 
 Run it with `python -m flows.build_model --preset quickstart [--set train.max_steps=300 ...]`, or as a deployment
@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 from pipeline_config import PipelineConfig, load_config
 from tasks.acquire import acquire_task
 from tasks.evaluate import evaluate_task
+from tasks.export import export_task
 from tasks.register import register_task
 from tasks.shard import shard_task
 from tasks.stage import StageRunner, hold_artifacts
@@ -40,9 +41,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     shards = run(shard_task, cfg.shard, acquire=acquired, synthesize=stories, tokenizer=vocabulary)
     model = run(train_task, cfg.train, shard=shards)
     evaluation = run(evaluate_task, cfg.evaluate, tokenizer=vocabulary, shard=shards, train=model)
+    exported = run(export_task, cfg.export, tokenizer=vocabulary, train=model)
     registered = run(
         register_task, cfg.register, acquire=acquired, synthesize=stories, tokenizer=vocabulary, shard=shards,
-        train=model, evaluate=evaluation,
+        train=model, evaluate=evaluation, export=exported,
     )
     summary = {
         "stages": run.states,
@@ -50,5 +52,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         "metrics": evaluation.manifest["metrics"],
         "sample": evaluation.manifest["samples"][-1]["text"],
     }
-    get_run_logger().info("build-model: stages %s", ", ".join(f"{k}={v}" for k, v in run.states.items()))
+    log = get_run_logger()
+    log.info("build-model: stages %s", ", ".join(f"{k}={v}" for k, v in run.states.items()))
+    if set(run.states.values()) == {"Cached"}:
+        log.info(
+            "build-model: nothing changed since the last run (every stage Cached: same sources, configuration and "
+            "code), so no new version was trained; %s version %s stays and the '%s' alias was not moved",
+            registered.manifest["model_name"], registered.manifest["version"], cfg.register.champion_alias,
+        )
     return summary

@@ -125,10 +125,19 @@ class CausalLM(nn.Module):
         """Extend idx (B, T) by up to max_new_tokens sampled tokens and return (B, T + new).
 
         Rows that have emitted eos_id keep emitting eos_id (so the result stays rectangular); the loop
-        stops once every row has. With use_cache, only new tokens are fed each step; once a context no
-        longer fits the cache (attention models: block_size), every further step recomputes on the
-        last block_size tokens, exactly as use_cache=False does throughout, so both give the same
-        tokens. Mamba-2's recurrent state has no such limit (see mamba2.py).
+        stops once every row has. See `stream` for the cache."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache))
+        return torch.cat([idx, *new], dim=1)
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, eos_id: int | None = None, use_cache: bool = True):
+        """Yield the next token of every row, (B, 1), as it is sampled.
+
+        With use_cache, only new tokens are fed each step; once a context no longer fits the cache
+        (attention models: block_size), every further step recomputes on the last block_size tokens,
+        exactly as use_cache=False does throughout, so both give the same tokens. Mamba-2's recurrent
+        state has no such limit (see mamba2.py).
         """
         block_size = self.config.block_size
         cache = None
@@ -147,9 +156,9 @@ class CausalLM(nn.Module):
                 next_token = next_token.masked_fill(finished[:, None], eos_id)
                 finished |= next_token[:, 0] == eos_id
             idx = torch.cat((idx, next_token), dim=1)
+            yield next_token
             if eos_id is not None and bool(finished.all()):
-                break
-        return idx
+                return
 
 
 class AttentionLM(CausalLM):

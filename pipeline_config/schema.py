@@ -187,6 +187,21 @@ class EvaluateConfig(Section):
     seed: int = 0
 
 
+class ExportConfig(Section):
+    """Hand the trained model to other runtimes: a transformers folder and GGUF files for llama.cpp and Ollama."""
+
+    formats: list[Literal["hf", "gguf"]] = Field(default_factory=lambda: ["hf", "gguf"],
+                                                 description="which exports to write; [] turns the stage into a no-op")
+    gguf_outtype: Literal["f32", "f16"] = Field("f32", description="the unquantized GGUF the quantized ones come from")
+    quantize: list[Literal["q8_0", "q5_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"]] = Field(
+        default_factory=lambda: ["q8_0"], description="GGUF types made from it with llama.cpp's quantizer")
+    modelfile: str | None = Field("q8_0", description="the GGUF type the Ollama Modelfile points at (None: no Modelfile)")
+    temperature: float = Field(0.8, ge=0, description="the Modelfile's default sampling temperature")
+    on_unsupported: Literal["skip", "error"] = Field(
+        "skip", description="a model with no exact equivalent in a format (a char-level vocabulary, say): record why "
+        "and go on, or fail the stage")
+
+
 class RegisterConfig(Section):
     tracking_uri: str | None = Field(None, description="None: SQLite store under <artifacts_dir>/mlflow")
     experiment: str = "scriptorium"
@@ -208,6 +223,7 @@ class PipelineConfig(Section):
     shard: ShardConfig = Field(default_factory=ShardConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     register: RegisterConfig = Field(default_factory=RegisterConfig)
 
     @model_validator(mode="after")

@@ -6,12 +6,18 @@ each stage's manifest. The model is a pyfunc (see `model/serving.py`) registered
 
 The champion alias moves only when the new version beats the current champion on `champion_metric` (lower is better
 for all of them), so a nightly retrain that regressed is registered, and comparable in the UI, but serves nobody.
-The default store is SQLite plus local artifacts under `<artifacts_dir>/mlflow`.
+A NaN metric never wins. The alias is re-read just before it moves, so it never replaces a champion other than the
+one compared against. The default store is SQLite plus local artifacts under `<artifacts_dir>/mlflow`.
+
+Registering is idempotent: the run is tagged with the lineage's fingerprint (every upstream artifact's), so a re-run
+after a kill anywhere (mid-lineage, after the model version, before `registered.json`) finds that run and finishes
+it (ending it, adding the model version only if it has none) instead of starting another.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sqlite3
 from contextlib import closing
 from pathlib import Path
@@ -19,12 +25,16 @@ from typing import Any
 
 from pipeline_config.schema import RegisterConfig
 from tasks.evaluate import SAMPLES
-from tasks.stage import REPO_ROOT, Artifact, Stage, prefect_task, read_jsonl, write_json
+from tasks.stage import REPO_ROOT, Artifact, PipelineError, Stage, json_digest, key_upstream, prefect_task, \
+    read_jsonl, write_json
 from tasks.tokenizer import REPORT as FERTILITY
 from tasks.train import METRICS as TRAIN_METRICS
 from tasks.train import MODEL_CONFIG, WEIGHTS
 
 REGISTERED = "registered.json"
+FINGERPRINT_TAG = "scriptorium.fingerprint"  # on the run: the lineage it registers
+LINEAGE_TAG = "scriptorium.lineage_logged"  # on the run: params, curve, manifests and reports are all there
+PREVIOUS_TAG = "scriptorium.previous_champion"  # on the version: the champion it replaced ("" for none)
 
 
 def store_location(cfg: RegisterConfig, artifacts_root: Path) -> tuple[str, str | None]:
@@ -76,6 +86,13 @@ def _experiment(client: Any, cfg: RegisterConfig, artifact_location: str | None)
     return client.create_experiment(cfg.experiment, artifact_location=artifact_location)
 
 
+def summary_metrics(upstream: dict[str, Artifact | None]) -> dict[str, float]:
+    """Evaluate's metrics of record plus the training summary's figures."""
+    summary = upstream["train"].manifest
+    return {**upstream["evaluate"].manifest["metrics"],
+            **{key: float(summary[key]) for key in SUMMARY_KEYS if summary.get(key) is not None}}
+
+
 def _log_lineage(client: Any, run_id: str, upstream: dict[str, Artifact | None], out_dir: Path) -> dict[str, float]:
     """Params (every stage's config slice), the training curve, the summary metrics, manifests, reports, plots."""
     import mlflow
@@ -93,8 +110,7 @@ def _log_lineage(client: Any, run_id: str, upstream: dict[str, Artifact | None],
     for start in range(0, len(curve), 1000):
         client.log_batch(run_id, metrics=curve[start : start + 1000])
     summary = train.manifest
-    metrics = {**evaluation.manifest["metrics"],
-               **{key: float(summary[key]) for key in SUMMARY_KEYS if summary.get(key) is not None}}
+    metrics = summary_metrics(upstream)
     mlflow.log_metrics(metrics)
     mlflow.set_tags({"scriptorium.config": summary.get("config", {}).get("model", {}).get("arch", "")})
     for name, artifact in upstream.items():
@@ -107,6 +123,15 @@ def _log_lineage(client: Any, run_id: str, upstream: dict[str, Artifact | None],
     if _loss_plot(rows, out_dir / "loss.png"):
         mlflow.log_artifact(str(out_dir / "loss.png"), "plots")
     return metrics
+
+
+def _log_exports(export: Artifact) -> None:
+    """The exported files (transformers folder, GGUF, Modelfile) under `export/` in the run, beside the model."""
+    import mlflow
+
+    for name in export.manifest.get("exported", []):
+        parent = Path(name).parent
+        mlflow.log_artifact(str(export.path / name), "export" if str(parent) == "." else f"export/{parent}")
 
 
 def _log_model(cfg: RegisterConfig, train: Artifact, tokenizer: Artifact) -> str:
@@ -136,18 +161,19 @@ def _log_model(cfg: RegisterConfig, train: Artifact, tokenizer: Artifact) -> str
 
 def register(cfg: RegisterConfig, out_dir: Path, log: logging.Logger, *, acquire: Artifact | None,
              synthesize: Artifact | None, tokenizer: Artifact, shard: Artifact, train: Artifact,
-             evaluate: Artifact) -> dict[str, Any]:
+             evaluate: Artifact, export: Artifact) -> dict[str, Any]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
     upstream = {"acquire": acquire, "synthesize": synthesize, "tokenizer": tokenizer, "shard": shard, "train": train,
-                "evaluate": evaluate}
+                "evaluate": evaluate, "export": export}
     uri, artifact_location = store_location(cfg, out_dir.parents[1])
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     experiment_id = _experiment(client, cfg, artifact_location)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{cfg.model_name}-{train.fingerprint[:8]}") as run:
         metrics = _log_lineage(client, run.info.run_id, upstream, out_dir)
+        _log_exports(export)
         version = _log_model(cfg, train, tokenizer)
     promoted, previous = _maybe_promote(client, cfg, version, metrics)
     result = {
@@ -217,7 +243,8 @@ def still_registered(artifact: Artifact) -> bool:
 
 
 STAGE = Stage(
-    name="register", run=register, inputs=("acquire", "synthesize", "tokenizer", "shard", "train", "evaluate"),
+    name="register", run=register,
+    inputs=("acquire", "synthesize", "tokenizer", "shard", "train", "evaluate", "export"),
     intact=still_registered,
 )
 register_task = prefect_task(STAGE)

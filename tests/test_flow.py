@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import tiny_overrides
 
-STAGES = ["acquire", "synthesize", "tokenizer", "shard", "train", "evaluate", "register"]
+STAGES = ["acquire", "synthesize", "tokenizer", "shard", "train", "evaluate", "export", "register"]
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def build_model(prefect_api):
     return build_model
 
 
-def test_first_run_completes_every_stage_then_second_run_is_cached(build_model, tmp_path, small_corpus):
+def test_first_run_completes_every_stage_then_second_run_is_cached(build_model, tmp_path, small_corpus, capsys):
     overrides = tiny_overrides(tmp_path / "artifacts", small_corpus, stories=2)
     first = build_model(preset="quickstart", overrides=overrides)
     assert list(first["stages"]) == STAGES
@@ -31,6 +31,10 @@ def test_first_run_completes_every_stage_then_second_run_is_cached(build_model, 
     assert first["metrics"]["val_bpb"] > 0
     assert first["sample"].startswith("once upon a time")
     assert (tmp_path / "artifacts" / "mlflow" / "mlflow.db").is_file()
+    # the export stage wrote a transformers folder and GGUF files that llama.cpp continues as PyTorch does
+    [export_dir] = (tmp_path / "artifacts" / "export").glob("*/")
+    assert (export_dir / "hf" / "config.json").is_file() and (export_dir / "model-q8_0.gguf").is_file()
+    assert "FROM ./model-q8_0.gguf" in (export_dir / "Modelfile").read_text()
 
     second = build_model(preset="quickstart", overrides=overrides)
     assert set(second["stages"].values()) == {"Cached"}
@@ -45,6 +49,18 @@ def test_first_run_completes_every_stage_then_second_run_is_cached(build_model, 
     out = served.predict(pd.DataFrame({"prompt": ["the dog", "a cat"]}), params={"max_new_tokens": 5, "temperature": 0.0})
     assert len(out) == 2 and out[0].startswith("the dog") and out[1].startswith("a cat")
 
+    # the command line generates from the registry by alias and lists what is registered
+    from flows.cli import main as cli
+
+    capsys.readouterr()
+    uri = registered["tracking_uri"]
+    model_uri = f"models:/{registered['model_name']}@champion"
+    assert cli(["generate", "--model", model_uri, "--tracking-uri", uri, "--prompt", "the dog", "--temperature", "0",
+                "--max-new-tokens", "5", "--stream"]) == 0
+    assert capsys.readouterr().out.startswith("the dog")
+    assert cli(["models", "--tracking-uri", uri]) == 0
+    assert f"version 1 @champion: val_bpb {first['metrics']['val_bpb']:.4f}" in capsys.readouterr().out
+
 
 def test_train_override_reruns_train_evaluate_register_only(build_model, tmp_path, small_corpus):
     overrides = tiny_overrides(tmp_path / "artifacts", small_corpus)
@@ -52,7 +68,7 @@ def test_train_override_reruns_train_evaluate_register_only(build_model, tmp_pat
     rerun = build_model(preset="quickstart", overrides=overrides + ["train.max_steps=9"])
     assert rerun["stages"] == {
         "acquire": "Cached", "tokenizer": "Cached", "shard": "Cached",
-        "train": "Completed", "evaluate": "Completed", "register": "Completed",
+        "train": "Completed", "evaluate": "Completed", "export": "Completed", "register": "Completed",
     }
     assert rerun["registered"]["version"] == "2"
     better = rerun["metrics"]["val_bpb"] < first["metrics"]["val_bpb"]
@@ -66,7 +82,7 @@ def test_train_override_reruns_train_evaluate_register_only(build_model, tmp_pat
 
     retokenized = build_model(preset="quickstart", overrides=overrides + ["tokenizer.vocab_size=400"])
     assert retokenized["stages"]["acquire"] == "Cached"
-    for stage in ("tokenizer", "shard", "train", "evaluate", "register"):
+    for stage in ("tokenizer", "shard", "train", "evaluate", "export", "register"):
         assert retokenized["stages"][stage] == "Completed", stage
 
 
@@ -100,6 +116,6 @@ def test_deleted_mlflow_store_is_registered_again(build_model, tmp_path, small_c
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=Path(__file__).parent.parent)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "evaluate Cached, register Completed" in again.stdout
+    assert "evaluate Cached, export Cached, register Completed" in again.stdout
     assert "version 1" in again.stdout and (tmp_path / "artifacts" / "mlflow" / "mlflow.db").is_file()
     assert build_model(preset="quickstart", overrides=overrides)["stages"]["register"] == "Cached"

@@ -1,0 +1,291 @@
+"""`scriptorium`: the command line over the pipeline and the models it registers.
+
+    scriptorium run [--preset P] [--set k=v ...]                  build-model (what `python -m flows` does)
+    scriptorium generate --model models:/NAME@champion --prompt "once upon a time" --stream
+    scriptorium generate --model models:/NAME/3 --interactive     a completion REPL (/temp 0.5, /top_k 20, Ctrl-D)
+    scriptorium export --model models:/NAME@champion --format gguf --quant q8_0 --out DIR
+    scriptorium models                                            registered models, versions, aliases, metrics
+
+The verbs and sampling flags are the ones people know from litgpt (`generate`, `export`) and llama.cpp
+(`--temperature`, `--top-k`, `--top-p`, `--seed`). `--model` takes a registry URI (an alias or a version) or a
+directory: a train artifact (`artifacts/train/<key>`; its tokenizer is found through the shard it was trained on) or
+any folder holding `model.safetensors`, `model_config.json` and a tokenizer. Generation goes through
+`model/generation.py`, the same code evaluate and the MLflow pyfunc use.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline_config.loader import ConfigError
+
+
+class CLIError(RuntimeError):
+    """A command-line mistake the user can fix; printed as one line."""
+
+
+# ------------------------------------------------------------------------------------------------ finding a model
+def _default_tracking_uri() -> str:
+    import os
+
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('artifacts/mlflow/mlflow.db').resolve()}"
+
+
+def _registry_files(uri: str, tracking_uri: str) -> tuple[Path, Path, Path]:
+    """Download a registered version and return (weights, model config, tokenizer dir), as its MLmodel file names
+    the pyfunc's artifacts."""
+    import mlflow
+    import yaml
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except MlflowException as err:
+        raise CLIError(f"{uri}: not in the registry at {tracking_uri} ({err.message.splitlines()[0]}); "
+                       "`scriptorium models` lists what is there") from None
+    mlmodel = yaml.safe_load((root / "MLmodel").read_text(encoding="utf-8"))
+    artifacts = mlmodel["flavors"]["python_function"].get("artifacts", {})
+    try:
+        return tuple(root / artifacts[key]["path"] for key in ("weights", "model_config", "tokenizer"))
+    except KeyError:
+        raise CLIError(f"{uri} is not a Scriptorium model (its MLmodel has no weights/tokenizer artifacts)") from None
+
+
+def _tokenizer_of_train_artifact(train_dir: Path) -> Path:
+    """The tokenizer a train artifact was trained with: through the shard artifact its manifest names."""
+    from tasks.stage import load_artifact
+
+    root = train_dir.parents[1]
+    shard_fp = (load_artifact(train_dir, "train").manifest.get("upstream") or {}).get("shard")
+    for shard in (root / "shard").glob("*/"):
+        art = load_artifact(shard, "shard")
+        if art is not None and art.fingerprint == shard_fp:
+            tok_fp = art.manifest["upstream"].get("tokenizer")
+            for tok in (root / "tokenizer").glob("*/"):
+                candidate = load_artifact(tok, "tokenizer")
+                if candidate is not None and candidate.fingerprint == tok_fp:
+                    return candidate.path
+    raise CLIError(f"{train_dir}: cannot find the tokenizer it was trained with under {root}; pass --tokenizer DIR")
+
+
+def resolve_model(spec: str, tracking_uri: str, tokenizer: str | None = None) -> tuple[Path, Path, Path]:
+    """(weights, model_config.json, tokenizer dir) for a registry URI or a directory."""
+    if spec.startswith("models:/"):
+        weights, config, tok = _registry_files(spec, tracking_uri)
+        return weights, config, Path(tokenizer) if tokenizer else tok
+    folder = Path(spec)
+    if not (folder / "model.safetensors").is_file() or not (folder / "model_config.json").is_file():
+        raise CLIError(f"{spec}: no model.safetensors and model_config.json in {folder}")
+    if tokenizer:
+        tok = Path(tokenizer)
+    elif (folder / "tokenizer").is_dir():
+        tok = folder / "tokenizer"
+    elif (folder / "tokenizer.model").is_file() or (folder / "vocab.json").is_file():
+        tok = folder
+    elif (folder / "manifest.json").is_file():
+        tok = _tokenizer_of_train_artifact(folder)
+    else:
+        raise CLIError(f"{spec}: no tokenizer beside the model; pass --tokenizer DIR")
+    return folder / "model.safetensors", folder / "model_config.json", tok
+
+
+def load(args: argparse.Namespace):
+    from model import load_model
+    from model.tokenizer import load_tokenizer
+
+    weights, config, tok = resolve_model(args.model, args.tracking_uri, getattr(args, "tokenizer", None))
+    return load_model(weights, config), load_tokenizer(tok), tok
+
+
+# ------------------------------------------------------------------------------------------------------- commands
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.__main__ import main as run_main
+
+    return run_main(["--preset", args.preset, *[x for kv in args.overrides for x in ("--set", kv)]])
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k or None,
+            "top_p": args.top_p, "seed": args.seed}
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompts_file:
+        lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        return [line for line in lines if line.strip()]
+    return [args.prompt]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from model.generation import generate_text, stream_text
+
+    model, tokenizer, _ = load(args)
+    if args.interactive:
+        return repl(model, tokenizer, _sampling(args), args.stream)
+    prompts = _prompts(args)
+    if args.stream:
+        for prompt in prompts:
+            print(prompt, end="", flush=True)
+            for piece in stream_text(model, tokenizer, prompt, **_sampling(args)):
+                print(piece, end="", flush=True)
+            print()
+        return 0
+    for text in generate_text(model, tokenizer, prompts, **_sampling(args), batched=len(prompts) > 1):
+        print(text)
+    return 0
+
+
+REPL_KNOBS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "/temp": ("temperature", float), "/top_k": ("top_k", lambda v: int(v) or None), "/top_p": ("top_p", float),
+    "/max": ("max_new_tokens", int), "/seed": ("seed", int),
+}
+
+
+def _repl_command(line: str, knobs: dict[str, Any]) -> str:
+    """Apply a `/knob value` line; returns what to print."""
+    name, _, value = line.partition(" ")
+    if name in ("/help", "/?"):
+        return "commands: " + ", ".join(f"{k} N" for k in REPL_KNOBS) + ", /show; Ctrl-D leaves"
+    if name == "/show":
+        return ", ".join(f"{k}={v}" for k, v in knobs.items())
+    if name not in REPL_KNOBS:
+        return f"unknown command {name}; /help lists them"
+    key, parse = REPL_KNOBS[name]
+    try:
+        knobs[key] = parse(value.strip())
+    except ValueError:
+        return f"{name} needs a number, e.g. {name} 0.5"
+    return f"{key} = {knobs[key]}"
+
+
+def repl(model, tokenizer, knobs: dict[str, Any], stream: bool = True, read: Callable[[str], str] = input,
+         write: Callable[[str], None] = lambda s: print(s, end="", flush=True)) -> int:
+    """A completion REPL: each line is a prompt, continued; `/temp 0.5` and friends change sampling; Ctrl-D ends."""
+    from model.generation import generate_text, stream_text
+
+    try:
+        import readline  # noqa: F401  (history and line editing for input())
+    except ImportError:
+        pass
+    write("scriptorium: type a prompt; /help for commands; Ctrl-D to leave\n")
+    while True:
+        try:
+            line = read("> ")
+        except (EOFError, KeyboardInterrupt):
+            write("\n")
+            return 0
+        if line.startswith("/"):
+            write(_repl_command(line, knobs) + "\n")
+        elif line.strip():
+            write(line)
+            pieces = stream_text(model, tokenizer, line, **knobs) if stream else \
+                [generate_text(model, tokenizer, [line], **knobs)[0][len(line):]]
+            for piece in pieces:
+                write(piece)
+            write("\n")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from model.export import export_gguf, export_hf, quantize_gguf, write_modelfile
+
+    model, _, tok = load(args)
+    out = Path(args.out)
+    if args.format == "hf":
+        print(export_hf(model, tok, out))
+        return 0
+    source = export_gguf(model, tok, out / f"model-{args.outtype}.gguf", args.outtype)
+    print(source)
+    if args.quant:
+        quantized = quantize_gguf(source, out / f"model-{args.quant}.gguf", args.quant)
+        write_modelfile(out, quantized.name, num_ctx=None if model.config.arch == "mamba2" else model.config.block_size)
+        print(quantized)
+        print(f"ollama create my-model -f {out / 'Modelfile'}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(args.tracking_uri)
+    models = client.search_registered_models()
+    if not models:
+        print(f"no registered models in {args.tracking_uri}")
+    for registered in models:
+        aliases = {v: k for k, v in (registered.aliases or {}).items()}
+        print(f"{registered.name}")
+        for version in sorted(client.search_model_versions(f"name='{registered.name}'"), key=lambda v: int(v.version)):
+            metrics = client.get_run(version.run_id).data.metrics
+            shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("val_bpb", "val_loss") if k in metrics)
+            alias = f" @{aliases[version.version]}" if version.version in aliases else ""
+            print(f"  version {version.version}{alias}: {shown}  models:/{registered.name}/{version.version}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- parser
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, or a directory (artifacts/train/<key>, or one "
+                             "with model.safetensors, model_config.json and a tokenizer)")
+    parser.add_argument("--tokenizer", help="tokenizer directory, when --model is a directory without one")
+    parser.add_argument("--tracking-uri", default=_default_tracking_uri(),
+                        help="MLflow tracking store (default: $MLFLOW_TRACKING_URI or artifacts/mlflow/mlflow.db)")
+
+
+def _generate_parser(sub) -> None:
+    gen = sub.add_parser("generate", help="continue prompts with a registered or trained model",
+                         description="Continue prompts with a registered or trained model.")
+    _model_options(gen)
+    source = gen.add_mutually_exclusive_group()
+    source.add_argument("--prompt", default="Once upon a time", help="the text to continue")
+    source.add_argument("--prompts-file", help="one prompt per line, generated together in one left-padded batch")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to add at most (stops at </s>)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    gen.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
+    gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: the smallest set with this mass")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (the same seed gives the same text)")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they are sampled")
+    gen.add_argument("--interactive", action="store_true",
+                     help="a REPL: each line is a prompt; /temp 0.5, /top_k 20, /top_p 0.9, /max 64, /seed 1; Ctrl-D")
+    gen.set_defaults(func=cmd_generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scriptorium", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the build-model flow", description="Run the build-model flow.")
+    run.add_argument("--preset", default="quickstart", help="preset name in pipeline_config/presets or a YAML path")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one knob, e.g. --set train.max_steps=300 (repeatable)")
+    run.set_defaults(func=cmd_run)
+    _generate_parser(sub)
+    export = sub.add_parser("export", help="export a model to a transformers folder or GGUF",
+                            description="Export a registered or trained model outside the flow.")
+    _model_options(export)
+    export.add_argument("--format", choices=("hf", "gguf"), required=True, help="hf: transformers; gguf: llama.cpp")
+    export.add_argument("--outtype", choices=("f32", "f16"), default="f32", help="the unquantized GGUF's type")
+    export.add_argument("--quant", choices=("q8_0", "q5_0", "q4_0", "q4_k_m"), help="also quantize the GGUF to this")
+    export.add_argument("--out", required=True, help="output directory")
+    export.set_defaults(func=cmd_export)
+    models = sub.add_parser("models", help="list registered models, versions, aliases and metrics",
+                            description="List registered models, versions, aliases and their metrics.")
+    models.add_argument("--tracking-uri", default=_default_tracking_uri(), help="MLflow tracking store")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from model.export import ExportError
+
+    try:
+        return args.func(args)
+    except (CLIError, ConfigError, ExportError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

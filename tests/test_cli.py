@@ -1,0 +1,123 @@
+"""The `scriptorium` command line and the one generation path under it (model/generation.py).
+
+A tiny GPT with a real SentencePiece vocabulary stands in for a trained model: what is tested is that every way of
+asking (one prompt, a left-padded batch, a stream, the REPL, the console script) gives the model's own greedy text.
+Generation from a registry URI (`models:/NAME@champion`) and `scriptorium models` are tested in test_flow.py, on the
+model the flow registers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import ModelConfig, build_model
+from model.generation import generate_text, stream_text
+from model.tokenizer import load_tokenizer
+from pipeline_config.schema import TokenizerConfig
+from tasks.tokenizer import build_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+GREEDY = {"max_new_tokens": 12, "temperature": 0.0, "top_k": None, "top_p": None, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A folder as a registered version holds it: model.safetensors, model_config.json, tokenizer/."""
+    from safetensors.torch import save_model
+
+    root = tmp_path_factory.mktemp("model")
+    lines = (REPO / "data" / "tinystories-sample" / "stories.jsonl").read_text().splitlines()[:100]
+    records = [{"text": json.loads(line)["text"], "language": "en"} for line in lines]
+    (root / "tokenizer").mkdir()
+    build_tokenizer(TokenizerConfig(vocab_size=320), records, root / "tokenizer", logging.getLogger("test"))
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="gpt", vocab_size=load_tokenizer(root / "tokenizer").vocab_size, n_layer=1, n_head=2,
+                      n_embd=32, block_size=64)
+    save_model(build_model(cfg), str(root / "model.safetensors"))
+    (root / "model_config.json").write_text(cfg.model_dump_json())
+    return root
+
+
+@pytest.fixture(scope="module")
+def loaded(trained):
+    from model import load_model
+
+    return load_model(trained / "model.safetensors", trained / "model_config.json"), load_tokenizer(trained / "tokenizer")
+
+
+def test_a_left_padded_batch_gives_each_prompt_its_own_greedy_text(loaded):
+    model, tokenizer = loaded
+    prompts = ["once upon a time", "the dog", "a very small girl named Lily went"]  # three different lengths
+    one_by_one = generate_text(model, tokenizer, prompts, **GREEDY)
+    together = generate_text(model, tokenizer, prompts, **GREEDY, batched=True)
+    assert together == one_by_one
+    assert all(text.startswith(prompt) for text, prompt in zip(together, prompts))
+
+
+def test_streaming_yields_the_same_continuation_piece_by_piece(loaded):
+    model, tokenizer = loaded
+    pieces = list(stream_text(model, tokenizer, "once upon a time", **GREEDY))
+    assert len(pieces) > 1
+    assert "once upon a time" + "".join(pieces) == generate_text(model, tokenizer, ["once upon a time"], **GREEDY)[0]
+
+
+def test_the_repl_changes_sampling_without_restarting_and_leaves_on_ctrl_d(loaded):
+    from flows.cli import repl
+
+    model, tokenizer = loaded
+    lines = iter(["/temp 0", "/top_k 5", "/top_k x", "once upon a time", "/show"])
+
+    def read(_prompt: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    out: list[str] = []
+    knobs = {"max_new_tokens": 12, "temperature": 0.9, "top_k": 50, "top_p": None, "seed": 0}
+    assert repl(model, tokenizer, knobs, read=read, write=out.append) == 0
+    text = "".join(out)
+    assert "temperature = 0.0" in text and "top_k = 5" in text and "/top_k needs a number" in text
+    greedy = generate_text(model, tokenizer, ["once upon a time"], **GREEDY)[0]
+    assert greedy in text  # the prompt was continued at the temperature set by /temp
+    assert knobs["temperature"] == 0.0 and knobs["top_k"] == 5
+
+
+def test_the_console_script_generates_streams_and_reads_a_prompts_file(trained, loaded, tmp_path):
+    model, tokenizer = loaded
+    script = Path(sys.executable).parent / "scriptorium"
+    assert script.is_file(), "pip install -e . installs the scriptorium console script"
+    base = [str(script), "generate", "--model", str(trained), "--temperature", "0", "--max-new-tokens", "12"]
+    plain = subprocess.run(base + ["--prompt", "the dog"], capture_output=True, text=True, check=True)
+    streamed = subprocess.run(base + ["--prompt", "the dog", "--stream"], capture_output=True, text=True, check=True)
+    expected = generate_text(model, tokenizer, ["the dog"], **GREEDY)[0]
+    assert plain.stdout.strip() == streamed.stdout.strip() == expected.strip()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the dog\nonce upon a time\n")
+    batch = subprocess.run(base + ["--prompts-file", str(prompts)], capture_output=True, text=True, check=True)
+    assert batch.stdout.splitlines() == [t for t in generate_text(model, tokenizer, ["the dog", "once upon a time"],
+                                                                    **GREEDY)]
+
+
+def test_a_directory_without_a_model_is_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "generate", "--model", str(tmp_path)],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "no model.safetensors" in result.stderr
+
+
+def test_every_option_has_help_text():
+    from flows.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            if action.dest != "help":
+                assert action.help, f"scriptorium {name} {action.option_strings}: no help text"
