@@ -22,7 +22,9 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import os
 import shutil
+import socket
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -37,7 +39,7 @@ from prefect.cache_policies import NO_CACHE
 from model.tokenizer import load_tokenizer
 from pipeline_config.schema import ShardConfig
 from tasks.corpus.reader import Chunk, Corpus
-from tasks.corpus.runner import map_task
+from tasks.corpus.runner import task_mapper
 from tasks.corpus.sampling import BUCKETS, SPLIT, bucket
 from tasks.stage import Artifact, Stage, atomic_path, describe_files, prefect_task
 
@@ -131,7 +133,8 @@ def tokenize_chunk(chunk: Chunk, index: int, tokenizer_dir: str, runs_dir: str, 
         with atomic_path(_run_file(runs_dir, index, stream)) as tmp, open(tmp, "wb") as handle:
             np.save(handle, framed)
         runs[stream] = int(framed.size)
-    return {"runs": runs, "stats": {name: {lang: dict(c) for lang, c in by_lang.items()}
+    return {"runs": runs, "process": f"{socket.gethostname()}:{os.getpid()}",
+            "stats": {name: {lang: dict(c) for lang, c in by_lang.items()}
                                     for name, by_lang in stats.items()},
             "text_bytes": sum(c["text_bytes"] for by_lang in stats.values() for c in by_lang.values())}
 
@@ -200,14 +203,13 @@ def _shard(cfg: ShardConfig, chunks: list[tuple[Chunk, str | None]], forced: fro
     runs_dir.mkdir(parents=True, exist_ok=True)
     calls = [{"chunk": chunk, "index": i, "tokenizer_dir": str(tokenizer_dir), "runs_dir": str(runs_dir),
               "val_fraction": cfg.val_fraction, "forced": forced, "split": split} for i, (chunk, split) in enumerate(chunks)]
-    results = map_task(tokenize_chunk, calls, cfg.runner, cfg.num_workers, log, "shard: chunks tokenized",
-                       size=lambda result: result["text_bytes"])
-    layout = shard_layout([r["runs"] for r in results], str(runs_dir), cfg.tokens_per_shard)
-    if not any(s["stream"] == "train" for s in layout):
-        raise ValueError("shard: no training documents (the corpus is empty or entirely held out)")
-    map_task(write_shard, [{"file": s["file"], "pieces": s.pop("pieces"), "out_dir": str(out_dir),
-                            "level": cfg.compression_level} for s in layout], cfg.runner, cfg.num_workers, log,
-             "shard: shards written")
+    with task_mapper(cfg.runner, cfg.num_workers, log) as run:
+        results = run(tokenize_chunk, calls, "shard: chunks tokenized", size=lambda result: result["text_bytes"])
+        layout = shard_layout([r["runs"] for r in results], str(runs_dir), cfg.tokens_per_shard)
+        if not any(s["stream"] == "train" for s in layout):
+            raise ValueError("shard: no training documents (the corpus is empty or entirely held out)")
+        run(write_shard, [{"file": s["file"], "pieces": s.pop("pieces"), "out_dir": str(out_dir),
+                           "level": cfg.compression_level} for s in layout], "shard: shards written")
     shutil.rmtree(runs_dir)
     totals, files = _totals([r["stats"] for r in results]), describe_files(out_dir, [s["file"] for s in layout])
     shards = [{"file": s["file"], "split": s["stream"].split("-", 1)[0], "language": s["stream"].partition("-")[2] or
@@ -218,7 +220,8 @@ def _shard(cfg: ShardConfig, chunks: list[tuple[Chunk, str | None]], forced: fro
              sum(r["text_bytes"] for r in results) / 1e6 / max(time.perf_counter() - started, 1e-9))
     vocab_size = _tokenizer(str(tokenizer_dir)).vocab_size
     return {"dtype": token_dtype(vocab_size).name, "vocab_size": vocab_size, "chunks": len(chunks),
-            "shards": shards, "totals": totals, "files": files}
+            "worker_processes": len({r["process"] for r in results}), "shards": shards, "totals": totals,
+            "files": files}
 
 
 def shard(cfg: ShardConfig, out_dir: Path, log: logging.Logger, *,

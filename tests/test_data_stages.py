@@ -263,3 +263,33 @@ def test_per_language_metrics_weight_each_language_by_its_held_out_text():
     assert metrics["val_loss"] == pytest.approx((1.0 * 200 + 2.0 * 100) / 300)
     assert metrics["val_bpb"] == pytest.approx((1.0 * 200 + 2.0 * 100) / math.log(2) / 1000)
     assert metrics["val_perplexity.fr"] == pytest.approx(math.exp(2.0)) and metrics["val_tokens_scored"] == 96
+
+
+def test_shards_are_the_same_bytes_on_a_dask_cluster_of_two_processes(prefect_api, tmp_path, small_corpus,
+                                                                        monkeypatch):
+    """Inside a flow run, shard maps its chunks as Prefect task runs on prefect-dask's DaskTaskRunner (a local
+    cluster of two worker processes); the shards must match, byte for byte, those made on threads without Prefect."""
+    from prefect import flow
+
+    import tasks.corpus.reader as reader
+    from pipeline_config.schema import RunnerConfig
+
+    monkeypatch.setattr(reader, "INLINE_CHUNK_BYTES", 12_000)  # ~10 chunks
+    records = _records(small_corpus)
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    build_tokenizer(TokenizerConfig(vocab_size=320), records, tok_dir, LOG)
+    cfg = ShardConfig(tokens_per_shard=6000, val_fraction=0.1, num_workers=2)
+    (tmp_path / "threads").mkdir()
+    local = shard_corpus(cfg, records, tok_dir, tmp_path / "threads", LOG)
+
+    @flow(name="shard-on-dask")
+    def shard_on_dask() -> dict:
+        dask = cfg.model_copy(update={"runner": RunnerConfig(kind="dask")})
+        return shard_corpus(dask, records, tok_dir, tmp_path / "dask", LOG)
+
+    (tmp_path / "dask").mkdir()
+    distributed = shard_on_dask()
+    assert local["chunks"] == distributed["chunks"] >= 8 and local["worker_processes"] == 1
+    assert distributed["worker_processes"] == 2  # chunks were tokenized in both worker processes
+    assert [(s["file"], s["sha256"]) for s in distributed["shards"]] == [(s["file"], s["sha256"]) for s in local["shards"]]

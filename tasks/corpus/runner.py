@@ -12,6 +12,7 @@ in the order of the calls, which is what makes the output independent of where a
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -64,19 +65,22 @@ def _submitter(cfg: RunnerConfig, workers: int) -> Iterator[Callable[[Any, dict[
             cluster.close()
 
 
-def map_task(task: Any, calls: list[dict[str, Any]], cfg: RunnerConfig, workers: int, log: logging.Logger,
-             what: str, size: Callable[[Any], float] | None = None) -> list[Any]:
-    """`task(**call)` for every call, on the configured runner; the results in call order. `size(result)` (bytes)
-    feeds the progress line."""
-    started, done_bytes, results = time.perf_counter(), 0.0, []
-    if not calls:
-        return results
+@contextmanager
+def task_mapper(cfg: RunnerConfig, workers: int, log: logging.Logger) -> Iterator[Callable[..., list[Any]]]:
+    """A `map(task, calls, what, size=None)` on one runner (one Dask cluster) for the whole block: `task(**call)`
+    for every call, the results in call order; `size(result)` (bytes) feeds the progress line."""
     with _submitter(cfg, workers) as submit:
-        futures = [submit(task, call) for call in calls]
-        for number, future in enumerate(futures, 1):
-            results.append(future.result())
-            done_bytes += size(results[-1]) if size else 0
-            _progress(log, what, number, len(calls), done_bytes, started, max(len(calls) // 20, 1))
+        yield functools.partial(_map, submit, log)
+
+
+def _map(submit: Callable[[Any, dict[str, Any]], Any], log: logging.Logger, task: Any, calls: list[dict[str, Any]],
+         what: str, size: Callable[[Any], float] | None = None) -> list[Any]:
+    started, done_bytes, results = time.perf_counter(), 0.0, []
+    futures = [submit(task, call) for call in calls]
+    for number, future in enumerate(futures, 1):
+        results.append(future.result())
+        done_bytes += size(results[-1]) if size else 0
+        _progress(log, what, number, len(calls), done_bytes, started, max(len(calls) // 20, 1))
     return results
 
 
