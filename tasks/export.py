@@ -41,7 +41,9 @@ def llama_cpp_greedy(path: Path, prompt_ids: list[int], n: int) -> list[int]:
     """The greedy continuation llama.cpp computes for `prompt_ids` from a GGUF file (no sampling involved)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt_ids) + n + 8, n_threads=1, verbose=False)
+    # an f32 KV cache: the default f16 one moves logits by ~1e-3 on its own, enough to flip a near-tie
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt_ids) + n + 8, n_threads=1, verbose=False,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     try:
         out: list[int] = []
         for token in llm.generate(prompt_ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
