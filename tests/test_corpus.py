@@ -189,3 +189,72 @@ def test_a_french_txt_with_cr_and_a_bom_is_trained_and_evaluated_as_its_own_lang
     assert {"val_bpb", "val_bpb.en", "val_bpb.fr", "val_perplexity.fr", "val_loss.en"} <= set(metrics)
     assert min(metrics["val_bpb.en"], metrics["val_bpb.fr"]) <= metrics["val_bpb"] <= \
         max(metrics["val_bpb.en"], metrics["val_bpb.fr"])
+
+
+def _file_server(files: dict[str, bytes]):
+    """A loopback file server (no internet here) answering GET /<path> with byte ranges."""
+    import http.server
+
+    from tests.loopback import LoopbackServer, send_range
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            send_range(self, files[self.path.lstrip("/")])
+
+        def log_message(self, *args):
+            pass
+
+    return LoopbackServer(Handler)
+
+
+def _preset_source(preset: str, **changes) -> tuple[SourceConfig, AcquireConfig]:
+    from pipeline_config import load_config
+
+    cfg = load_config(preset).acquire
+    return cfg.sources[0].model_copy(update=changes), cfg
+
+
+def test_mnemos_source_shape_one_large_french_txt_cut_at_the_budget(tmp_path):
+    """The preset's own source settings against a generated file of the same shape: one large .txt of speech turns,
+    served over HTTP; the budget (scaled down) stops reading mid-file at a turn boundary."""
+    turns = "".join(f"[Intervenant {i % 7}:] Monsieur le président, l'amendement numéro {i} est défendu.\n"
+                    for i in range(20_000)).encode()
+    source, preset = _preset_source("mnemos-0.1")
+    assert source.kind == "http" and source.language == "fr" and preset.byte_budget == 100_000_000
+    with _file_server({"FR/AssembleeNationale_13/train.txt": turns}) as server:
+        source = source.model_copy(update={"url": f"{server.url}/FR/AssembleeNationale_13/train.txt"})
+        summary = acquire(preset.model_copy(update={"sources": [source], "byte_budget": 300_000}), tmp_path, LOG)
+    assert summary["budget_reached"] and 3500 < summary["languages"]["fr"]["documents"] < 4000  # ~80 B a turn
+    assert pq.read_table(tmp_path / "documents.parquet").column("text")[0].as_py().startswith("[Intervenant 0:]")
+
+
+def test_alexandria_source_shape_a_parquet_hub_dataset(tmp_path):
+    import io
+
+    from tests.hub_double import HubDouble
+
+    fables = [f"Había una vez un zorro número {i} que ayudaba a sus amigos." for i in range(300)]
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"text": fables, "id": list(range(300))}), buffer)
+    source, preset = _preset_source("alexandria")
+    assert source.kind == "hf" and source.dataset == "hetline/tiny-coop-es" and preset.byte_budget is None
+    files = {"data/train-00000-of-00001.parquet": buffer.getvalue()}
+    with HubDouble(source.dataset, files, lfs=set(files)) as hub:
+        source = source.model_copy(update={"endpoint": hub.url})
+        summary = acquire(preset.model_copy(update={"sources": [source]}), tmp_path, LOG)
+    assert summary["languages"] == {"es": {"documents": 300, "bytes": sum(len(f.encode()) for f in fables)}}
+
+
+def test_tinystories_source_shape_an_endoftext_separated_txt(tmp_path):
+    from pipeline_config import load_config
+
+    stories = [f"Once upon a time, there was a little dog named Max {i}.\n\nMax liked to run." for i in range(500)]
+    data = "\n<|endoftext|>\n".join(stories).encode() + b"\n<|endoftext|>\n"
+    source, preset = _preset_source("tinystories")
+    assert source.kind == "http" and source.document_split == "separator" and preset.byte_budget is None
+    with _file_server({"TinyStoriesV2-GPT4-train.txt": data}) as server:
+        source = source.model_copy(update={"url": f"{server.url}/TinyStoriesV2-GPT4-train.txt"})
+        summary = acquire(preset.model_copy(update={"sources": [source]}), tmp_path, LOG)
+    assert summary["documents"] == 500 and not summary["budget_reached"]
+    assert pq.read_table(tmp_path / "documents.parquet").column("text")[1].as_py() == stories[1]
+    assert load_config("tinystories").synthesize.n == 0
