@@ -32,6 +32,7 @@ from tasks.train import METRICS as TRAIN_METRICS
 from tasks.train import MODEL_CONFIG, WEIGHTS
 
 REGISTERED = "registered.json"
+SQLITE_TIMEOUT = 30.0  # seconds still_registered waits for a writer (the MLflow UI, another run) to let go
 FINGERPRINT_TAG = "scriptorium.fingerprint"  # on the run: the lineage it registers
 LINEAGE_TAG = "scriptorium.lineage_logged"  # on the run: params, curve, manifests and reports are all there
 PREVIOUS_TAG = "scriptorium.previous_champion"  # on the version: the champion it replaced ("" for none)
@@ -171,15 +172,28 @@ def register(cfg: RegisterConfig, out_dir: Path, log: logging.Logger, *, acquire
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     experiment_id = _experiment(client, cfg, artifact_location)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{cfg.model_name}-{train.fingerprint[:8]}") as run:
-        metrics = _log_lineage(client, run.info.run_id, upstream, out_dir)
-        _log_exports(export)
-        version = _log_model(cfg, train, tokenizer)
+    fingerprint = json_digest({"model_name": cfg.model_name, "upstream": key_upstream(upstream)})
+    run_id, version = _registered_before(client, cfg, experiment_id, fingerprint)
+    if version is None:
+        resumed = {"run_id": run_id} if run_id else {
+            "experiment_id": experiment_id, "run_name": f"{cfg.model_name}-{train.fingerprint[:8]}"}
+        with mlflow.start_run(**resumed, tags={FINGERPRINT_TAG: fingerprint}) as run:
+            run_id = run.info.run_id
+            if client.get_run(run_id).data.tags.get(LINEAGE_TAG) != "true":
+                _log_lineage(client, run_id, upstream, out_dir)
+                _log_exports(export)
+                mlflow.set_tag(LINEAGE_TAG, "true")
+            version = _log_model(cfg, train, tokenizer)
+    else:
+        log.info("register: run %s already registered this lineage as version %s; finishing it", run_id, version)
+    if client.get_run(run_id).info.status != "FINISHED":  # a run killed after its model version was created
+        client.set_terminated(run_id, "FINISHED")
+    metrics = summary_metrics(upstream)
     promoted, previous = _maybe_promote(client, cfg, version, metrics)
     result = {
         "tracking_uri": uri,
         "experiment_id": experiment_id,
-        "run_id": run.info.run_id,
+        "run_id": run_id,
         "model_name": cfg.model_name,
         "version": version,
         "model_uri": f"models:/{cfg.model_name}/{version}",
@@ -190,26 +204,66 @@ def register(cfg: RegisterConfig, out_dir: Path, log: logging.Logger, *, acquire
     write_json(out_dir / REGISTERED, result)
     log.info(
         "register: %s version %s (run %s)%s",
-        cfg.model_name, version, run.info.run_id,
+        cfg.model_name, version, run_id,
         f", now '{cfg.champion_alias}'" if promoted else f", '{cfg.champion_alias}' stays version {previous}",
     )
     return result
 
 
-def _maybe_promote(client: Any, cfg: RegisterConfig, version: str, metrics: dict[str, float]) -> tuple[bool, str | None]:
+class RegisterError(PipelineError):
+    """The model registry cannot be brought to the state this run needs; the message says why."""
+
+
+def _registered_before(client: Any, cfg: RegisterConfig, experiment_id: str,
+                       fingerprint: str) -> tuple[str | None, str | None]:
+    """(run, model version) that already register this lineage: what a killed or repeated register left."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{FINGERPRINT_TAG}` = '{fingerprint}'",
+                              order_by=["attributes.start_time ASC"])
+    for run in runs:
+        versions = client.search_model_versions(f"name = '{cfg.model_name}' and run_id = '{run.info.run_id}'")
+        if versions:
+            return run.info.run_id, str(min(int(v.version) for v in versions))
+    return (runs[0].info.run_id if runs else None), None
+
+
+def _champion(client: Any, cfg: RegisterConfig) -> Any:
+    """The version holding the champion alias, or None when nobody holds it (any other registry error raises)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        current = client.get_model_version_by_alias(cfg.model_name, cfg.champion_alias)
-    except MlflowException:
-        current = None
-    if current is not None:
-        theirs = client.get_run(current.run_id).data.metrics.get(cfg.champion_metric)
-        if theirs is not None and theirs <= metrics[cfg.champion_metric]:
-            client.set_model_version_tag(cfg.model_name, version, "champion_check", f"lost to v{current.version}")
-            return False, str(current.version)
-    client.set_registered_model_alias(cfg.model_name, cfg.champion_alias, version)
-    return True, str(current.version) if current else None
+        return client.get_model_version_by_alias(cfg.model_name, cfg.champion_alias)
+    except MlflowException as exc:
+        if exc.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):  # no such alias / model
+            return None
+        raise
+
+
+def beats(ours: float, theirs: float | None) -> bool:
+    """Lower is better; a NaN or infinite figure never wins, and loses to any finite one."""
+    return math.isfinite(ours) and (theirs is None or not math.isfinite(theirs) or ours < theirs)
+
+
+def _maybe_promote(client: Any, cfg: RegisterConfig, version: str, metrics: dict[str, float]) -> tuple[bool, str | None]:
+    """Move the champion alias to `version` if it beats the champion, and only away from that champion: the alias
+    is re-read just before it moves, and compared again if another run moved it in between."""
+    ours = float(metrics.get(cfg.champion_metric, math.nan))
+    for _ in range(5):
+        current = _champion(client, cfg)
+        held = str(current.version) if current is not None else None
+        if held == version:  # a re-run after the alias already moved
+            return True, client.get_model_version(cfg.model_name, version).tags.get(PREVIOUS_TAG) or None
+        theirs = client.get_run(current.run_id).data.metrics.get(cfg.champion_metric) if current else None
+        if not beats(ours, theirs):
+            client.set_model_version_tag(cfg.model_name, version, "champion_check",
+                                         f"lost to v{held}" if held else f"{cfg.champion_metric} is {ours}")
+            return False, held
+        client.set_model_version_tag(cfg.model_name, version, PREVIOUS_TAG, held or "")
+        again = _champion(client, cfg)
+        if (str(again.version) if again is not None else None) == held:
+            client.set_registered_model_alias(cfg.model_name, cfg.champion_alias, version)
+            return True, held
+    raise RegisterError(f"the '{cfg.champion_alias}' alias of {cfg.model_name} kept moving while version {version} "
+                        "was compared with it; re-run to compare again")
 
 
 def _requirements() -> list[str]:
@@ -232,11 +286,17 @@ def still_registered(artifact: Artifact) -> bool:
     if not database.is_file():
         return False
     try:
-        with closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True)) as connection:
+        with closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=SQLITE_TIMEOUT)) as connection:
             row = connection.execute(
                 "SELECT 1 FROM model_versions WHERE name = ? AND version = ? AND run_id = ?",
                 (manifest["model_name"], int(manifest["version"]), manifest["run_id"]),
             ).fetchone()
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):  # another writer, not a missing version: cannot tell, trust it
+            logging.getLogger("scriptorium.register").warning("%s is busy (%s); trusting the registered version",
+                                                              database, exc)
+            return True
+        return False
     except (sqlite3.Error, KeyError, ValueError):
         return False
     return row is not None

@@ -41,7 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ".prefect-results"
 MANIFEST = "manifest.json"
 # The pipeline's stages in the order they run: a stage may read only stages named before it.
-PIPELINE = ("acquire", "synthesize", "tokenizer", "shard", "train", "evaluate", "register")
+PIPELINE = ("acquire", "synthesize", "tokenizer", "shard", "train", "evaluate", "export", "register")
 PROJECT_PACKAGES = ("tasks", "model", "pipeline_config", "flows")
 LOCK = ".lock"
 

@@ -415,3 +415,154 @@ def test_a_validation_split_shorter_than_the_context_names_the_split_and_the_fix
 
     with pytest.raises(PipelineError, match="the val split is too short.*block_size=16.*shard.val_fraction"):
         train(tiny_train_config(max_steps=2), corpus_tokens(), corpus_tokens(12), 64, tmp_path, LOG)
+
+
+# ---------------------------------------------------------------------------------------------------- register
+@pytest.fixture(scope="module")
+def lineage(tmp_path_factory) -> dict:
+    """Real upstream artifacts for register (every stage run once on a tiny corpus; export writes no format)."""
+    import importlib
+
+    from pipeline_config import load_config
+    from tests.conftest import SAMPLE, tiny_overrides
+
+    root = tmp_path_factory.mktemp("lineage")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("\n".join(SAMPLE.read_text(encoding="utf-8").splitlines()[:150]) + "\n", encoding="utf-8")
+    cfg = load_config("quickstart", tiny_overrides(root / "artifacts", corpus) + ["export.formats=[]"])
+    inputs = {"acquire": (), "synthesize": (), "tokenizer": ("acquire", "synthesize"),
+              "shard": ("acquire", "synthesize", "tokenizer"), "train": ("shard",),
+              "evaluate": ("tokenizer", "shard", "train"), "export": ("tokenizer", "train")}
+    made: dict = {"synthesize": None}
+    for stage in ("acquire", "tokenizer", "shard", "train", "evaluate", "export"):
+        declared = importlib.import_module(f"tasks.{stage}").STAGE
+        upstream = {name: made[name] for name in declared.inputs}
+        made[stage] = declared.execute(getattr(cfg, stage), upstream, root / "artifacts", LOG)
+    assert all(made[name] is not None or name == "synthesize" for name in inputs)
+    return made
+
+
+REGISTER_KILLED = textwrap.dedent("""
+    import json, logging, os, signal, sys
+    from pathlib import Path
+    import tasks.register as R
+    from pipeline_config.schema import RegisterConfig
+    from tasks.stage import load_artifact
+    paths, where, root = json.loads(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+    real = getattr(R, where)
+    def killed(*args, **kwargs):
+        if where == "_log_model":
+            real(*args, **kwargs)  # the model version exists, then the process dies
+        os.kill(os.getpid(), signal.SIGKILL)
+    setattr(R, where, killed)
+    upstream = {name: load_artifact(Path(path), name) if path else None for name, path in paths.items()}
+    R.STAGE.execute(RegisterConfig(), upstream, root, logging.getLogger())
+""")
+
+
+def _registry(root: Path) -> tuple[list, list]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("scriptorium").experiment_id])
+    return runs, client.search_model_versions("name = 'scriptorium-lm'")
+
+
+@pytest.mark.parametrize("killed_in", ["_log_exports", "_log_model"])
+def test_register_killed_anywhere_is_finished_by_the_rerun_not_repeated(lineage, tmp_path, killed_in):
+    from pipeline_config.schema import RegisterConfig
+    from tasks.register import FINGERPRINT_TAG, STAGE
+
+    upstream = {name: lineage[name] for name in STAGE.inputs}
+    paths = json.dumps({name: str(a.path) if a else None for name, a in upstream.items()})
+    killed = subprocess.run([sys.executable, "-c", REGISTER_KILLED, paths, killed_in, str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    artifact = STAGE.execute(RegisterConfig(), upstream, tmp_path, LOG)
+    runs, versions = _registry(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and FINGERPRINT_TAG in runs[0].data.tags
+    assert [str(v.version) for v in versions] == ["1"] and artifact.manifest["run_id"] == runs[0].info.run_id
+    assert artifact.manifest["champion"] is True and "val_bpb" in runs[0].data.metrics  # the lineage is complete
+
+
+def _store_with_versions(root: Path, figures: list[float]):
+    """A real SQLite MLflow store holding one run and model version per figure (val_bpb)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.create_experiment("x", artifact_location=(root / "art").as_uri())
+    client.create_registered_model("m")
+    versions = []
+    for figure in figures:
+        run = client.create_run(experiment)
+        client.log_metric(run.info.run_id, "val_bpb", figure)
+        versions.append(client.create_model_version("m", f"runs:/{run.info.run_id}/model", run.info.run_id).version)
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    return client, [str(v) for v in versions]
+
+
+def test_a_nan_metric_never_takes_the_champion_and_a_nan_champion_loses_to_any_finite_one(tmp_path):
+    from pipeline_config.schema import RegisterConfig
+    from tasks.register import _maybe_promote
+
+    cfg = RegisterConfig(model_name="m")
+    client, (v1, v2, v3) = _store_with_versions(tmp_path, [1.5, float("nan"), 1.6])
+    assert _maybe_promote(client, cfg, v1, {"val_bpb": 1.5}) == (True, None)
+    assert _maybe_promote(client, cfg, v2, {"val_bpb": float("nan")}) == (False, v1)
+    client.set_registered_model_alias("m", "champion", v2)  # a NaN champion left by an older run
+    assert _maybe_promote(client, cfg, v3, {"val_bpb": 1.6}) == (True, v2)
+    assert str(client.get_model_version_by_alias("m", "champion").version) == v3
+
+
+def test_the_champion_alias_moves_only_away_from_the_champion_it_was_compared_with(tmp_path):
+    """Another run moving the alias mid-comparison is staged by a hook on the client's tag call (the one step
+    between the comparison and the move); the store, the alias and the comparison are real."""
+    from pipeline_config.schema import RegisterConfig
+    from tasks.register import _maybe_promote
+
+    client, (v1, better, ours) = _store_with_versions(tmp_path, [1.5, 1.2, 1.4])
+    client.set_registered_model_alias("m", "champion", v1)
+    tag = client.set_model_version_tag
+
+    def concurrent_run_promotes_its_better_version(*args):
+        tag(*args)
+        if str(client.get_model_version_by_alias("m", "champion").version) == v1:
+            client.set_registered_model_alias("m", "champion", better)
+
+    client.set_model_version_tag = concurrent_run_promotes_its_better_version
+    assert _maybe_promote(client, RegisterConfig(model_name="m"), ours, {"val_bpb": 1.4}) == (False, better)
+    assert str(client.get_model_version_by_alias("m", "champion").version) == better
+
+
+def test_a_locked_registry_database_is_not_a_deleted_version(tmp_path, monkeypatch):
+    import sqlite3
+
+    import tasks.register as register
+    from tasks.stage import write_manifest
+
+    database = tmp_path / "mlflow.db"
+    with sqlite3.connect(database) as connection:  # the one table still_registered reads, as MLflow lays it out
+        connection.execute("CREATE TABLE model_versions (name TEXT, version INTEGER, run_id TEXT)")
+        connection.execute("INSERT INTO model_versions VALUES ('m', 1, 'r1')")
+    artifact = write_manifest(tmp_path / "register", "register",
+                              {"tracking_uri": f"sqlite:///{database}", "model_name": "m", "version": "1",
+                               "run_id": "r1"})
+    assert register.still_registered(artifact)
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sqlite3, time
+        connection = sqlite3.connect({str(database)!r}, isolation_level=None)
+        connection.execute("BEGIN EXCLUSIVE")
+        print("locked", flush=True)
+        time.sleep(30)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "locked"
+        monkeypatch.setattr(register, "SQLITE_TIMEOUT", 0.2)
+        assert register.still_registered(artifact)  # busy: cannot tell, so not "deleted"
+    finally:
+        writer.kill()
+        writer.wait()
+    gone = write_manifest(tmp_path / "register2", "register",
+                          {"tracking_uri": f"sqlite:///{database}", "model_name": "m", "version": "2", "run_id": "r1"})
+    assert not register.still_registered(gone)
