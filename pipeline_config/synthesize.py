@@ -145,6 +145,15 @@ class SynthesizeConfig(BaseModel):
             self.parallel = 64 if self.backend == "llamacpp" else 4
         return self
 
+    @model_validator(mode="after")
+    def _model_file_exists(self) -> "SynthesizeConfig":
+        # a missing GGUF would otherwise surface only when the stage starts, after the stages before it ran
+        path = self.model_path.expanduser() if self.model_path is not None else None
+        if self.n and self.backend == "llamacpp" and path is not None and not path.is_file():
+            raise ValueError(f"model_path {path} is not a file: give a GGUF file, or leave it unset for the bundled "
+                             "SmolLM2-135M")
+        return self
+
     @field_validator("languages")
     @classmethod
     def _distinct_languages(cls, value: list[str]) -> list[str]:

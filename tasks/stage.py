@@ -570,6 +570,22 @@ def trusted_record(path: Path) -> bool:
     return serializer == REFERENCE_SERIALIZER and isinstance(record.get("result"), str)
 
 
+class _ProjectErrorsInOneLine(logging.Filter):
+    """Prefect logs a failed run's exception with its traceback. A project error's message already names the fix,
+    so its traceback is dropped (the line stays); a bug keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], PipelineError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+@functools.lru_cache(maxsize=None)
+def _quiet_project_errors() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(_ProjectErrorsInOneLine())
+
+
 def _retry_condition(_task: Any, _task_run: Any, state: Any) -> bool:
     return retryable(state.data if isinstance(state.data, BaseException) else None)
 
@@ -579,6 +595,8 @@ def prefect_task(stage: Stage):
     run logger, results as JSON references."""
     from prefect import task
     from prefect.logging import get_run_logger
+
+    _quiet_project_errors()
 
     def cache_key(_context: Any, parameters: dict[str, Any]) -> str:
         cfg, upstream, root = parameters["cfg"], parameters["upstream"], parameters["root"]

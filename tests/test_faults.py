@@ -566,3 +566,33 @@ def test_a_locked_registry_database_is_not_a_deleted_version(tmp_path, monkeypat
     gone = write_manifest(tmp_path / "register2", "register",
                           {"tracking_uri": f"sqlite:///{database}", "model_name": "m", "version": "2", "run_id": "r1"})
     assert not register.still_registered(gone)
+
+
+# ------------------------------------------------------------------------------------------- errors, one line
+def test_config_errors_stop_before_any_stage_with_status_2(tmp_path):
+    from flows.__main__ import main
+
+    root = tmp_path / "artifacts"
+    for override in ("tokenizer.vocab_size=259", "train.model.arch=llama", "synthesize.model_path=/nowhere.gguf",
+                     'acquire.sources=[{kind: http, url: "file:///etc/passwd"}]'):
+        extra = ["train.model.n_embd=30", "train.model.n_head=10"] if "llama" in override else []
+        argv = [x for o in [f"artifacts_dir={root}", override, *extra] for x in ("--set", o)]
+        assert main(argv) == 2, override
+    assert not root.exists()
+
+
+def test_a_404_fails_once_not_retried_and_prints_one_line_without_credentials(prefect_api, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    with _server(_status(404)) as server:
+        url = server.url.replace("http://", "http://user:s3cret@") + "/gone.jsonl"
+        overrides = [f"artifacts_dir={tmp_path / 'artifacts'}", "synthesize.n=0",
+                     f"acquire.sources={json.dumps([{'kind': 'http', 'url': url}])}"]
+        command = [sys.executable, "-m", "flows", *[x for o in overrides for x in ("--set", o)]]
+        env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+        failed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: download of http://***@127.0.0.1") and "HTTP 404" in last
+    assert len(server.requests) == 1  # acquire declares retries=2: a 404 is not retried
+    assert "s3cret" not in failed.stderr + failed.stdout and "Traceback" not in failed.stderr
