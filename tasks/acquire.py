@@ -105,7 +105,8 @@ class DocumentWriter:
             for name, value in zip(SCHEMA.names, (text, origin, language, digest)):
                 self.rows[name].append(value)
             self.total, self.pending = self.total + size, self.pending + size
-            self.languages.setdefault(language, Counter()).update(documents=1, bytes=size)
+            row = self.languages.setdefault(language, Counter())
+            row["documents"], row["bytes"] = row["documents"] + 1, row["bytes"] + size
             if self.pending >= self.cfg.batch_bytes:
                 self.flush()
         return True
