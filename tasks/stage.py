@@ -624,7 +624,8 @@ def prefect_task(stage: Stage):
         persist_result=True,
         result_serializer=reference_serializer(),
         retries=stage.retries,
-        retry_delay_seconds=stage.retry_delay_seconds,
+        # exponential backoff from the declared delay: 5 s, 10 s, 20 s... for a server that needs a moment
+        retry_delay_seconds=[stage.retry_delay_seconds * 2**attempt for attempt in range(stage.retries)] or 0,
         retry_condition_fn=_retry_condition,
     )
 

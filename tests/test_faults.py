@@ -596,3 +596,36 @@ def test_a_404_fails_once_not_retried_and_prints_one_line_without_credentials(pr
     assert last.startswith("error: download of http://***@127.0.0.1") and "HTTP 404" in last
     assert len(server.requests) == 1  # acquire declares retries=2: a 404 is not retried
     assert "s3cret" not in failed.stderr + failed.stdout and "Traceback" not in failed.stderr
+
+
+def test_prefect_retries_a_transient_error_with_backoff_and_never_a_deterministic_one(prefect_api, tmp_path):
+    from prefect import flow
+
+    from pipeline_config.schema import AcquireConfig
+    from tasks.corpus.download import AcquireError
+    from tasks.stage import Stage, StageRunner, prefect_task
+
+    calls: list[float] = []
+
+    def flaky(cfg, out_dir, log, transient: bool = True):
+        calls.append(time.monotonic())
+        if len(calls) < 3 or not transient:
+            raise AcquireError("HTTP 503" if transient else "HTTP 404", transient=transient)
+        return {"files": {}}
+
+    def deterministic(cfg, out_dir, log):
+        return flaky(cfg, out_dir, log, transient=False)
+
+    @flow(name="faults-retries")
+    def run(stage_task, root: Path) -> str:
+        StageRunner(root)(stage_task, AcquireConfig())
+        return "done"
+
+    transient_task = prefect_task(Stage(name="acquire", run=flaky, retries=3, retry_delay_seconds=0.2))
+    assert run(transient_task, tmp_path / "transient") == "done" and len(calls) == 3
+    assert transient_task.retry_delay_seconds == [0.2, 0.4, 0.8] and calls[2] - calls[1] >= 0.4  # backoff
+    calls.clear()
+    with pytest.raises(AcquireError, match="404"):
+        run(prefect_task(Stage(name="acquire", run=deterministic, retries=3, retry_delay_seconds=0.2)),
+            tmp_path / "deterministic")
+    assert len(calls) == 1
