@@ -1,16 +1,21 @@
 # `make run`: set up .venv and run build-model on the offline quickstart preset.
 # `make test`: set up .venv and run the tests.   Overrides: make run SET="train.max_steps=300 tokenizer.vocab_size=2048"
+# Deployments (prefect.yaml): `make server`, then `make deploy` and `make worker` (or `make serve`).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PRESET ?= quickstart
 SET ?=
+PREFECT := $(VENV)/bin/prefect
+PREFECT_PORT ?= 4200
+# the process work pool that prefect.yaml's deployments name
+POOL ?= scriptorium
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup run test ui clean
+.PHONY: setup run test ui clean server worker deploy serve
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +36,30 @@ test: $(STAMP)
 ui: $(STAMP)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --workers 1 \
 	  --backend-store-uri sqlite:///$(CURDIR)/artifacts/mlflow/mlflow.db --default-artifact-root $(CURDIR)/artifacts/mlflow/artifacts
+
+# A local Prefect API and UI (http://127.0.0.1:$(PREFECT_PORT)); its database lives in .prefect/ (git-ignored).
+server: $(STAMP)
+	PREFECT_HOME=$(CURDIR)/.prefect $(PREFECT) server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+# The other targets talk to that server unless PREFECT_API_URL says otherwise.
+worker deploy serve: export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
+
+# Both create the process work pool if it is missing: `prefect deploy` refuses a pool that does not exist.
+CREATE_POOL = $(PREFECT) work-pool inspect $(POOL) >/dev/null 2>&1 || $(PREFECT) work-pool create $(POOL) --type process
+
+# Runs the flow runs of the pool's deployments, each as a subprocess.
+worker: $(STAMP)
+	$(CREATE_POOL)
+	$(PREFECT) worker start --pool $(POOL) --type process
+
+# Creates or updates every deployment in prefect.yaml (build-model/nightly and build-model/on-demand).
+deploy: $(STAMP)
+	$(CREATE_POOL)
+	$(PREFECT) --no-prompt deploy --all
+
+# The same deployments served from one process, without a work pool or worker (flows/serve.py).
+serve: $(STAMP)
+	$(PY) -m flows.serve
 
 clean:
 	rm -rf artifacts/*/ artifacts/.prefect-results

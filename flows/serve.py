@@ -1,27 +1,67 @@
-"""Serve `build-model` as deployments: `nightly` on a cron schedule, `on-demand` without one.
+"""Serve `build-model` from this process: the deployments of `prefect.yaml`, without a work pool or a worker.
 
-Needs a Prefect API (`prefect server start --host 127.0.0.1` and PREFECT_API_URL); then
-`prefect deployment run build-model/nightly --param overrides='["train.max_steps=300"]'`.
+`nightly` runs on the cron schedule and time zone that prefect.yaml gives it, `on-demand` only when asked; both take
+their parameters from prefect.yaml too, so this path and the worker path (`make deploy` + `make worker`) serve the
+same deployments. Needs a Prefect API (`make server`, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`); then
+`prefect deployment run build-model/on-demand --param overrides='["train.max_steps=300"]' --watch`.
+
+A deployment of the same name that `prefect deploy` bound to a work pool is deleted first: the server updates a
+deployment field by field, so a served one would keep the pool and be run by neither. `make deploy` takes them back.
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
-from prefect import serve
+import yaml
+from prefect import get_client, serve
+from prefect.exceptions import ObjectNotFound
+from prefect.schedules import Cron
 
 from flows.build_model import build_model
 
+PREFECT_YAML = Path(__file__).resolve().parent.parent / "prefect.yaml"
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.serve")
-    parser.add_argument("--preset", default="quickstart")
-    parser.add_argument("--cron", default="0 2 * * *", help="schedule of the nightly deployment")
-    args = parser.parse_args()
-    params = {"preset": args.preset, "overrides": []}
-    serve(
-        build_model.to_deployment(name="nightly", cron=args.cron, parameters=params),
-        build_model.to_deployment(name="on-demand", parameters=params),
-    )
+
+def deployment_specs(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
+    """The `deployments:` entries of prefect.yaml for this flow's entrypoint."""
+    specs = yaml.safe_load(path.read_text(encoding="utf-8"))["deployments"]
+    return [spec for spec in specs if spec["entrypoint"] == "flows/build_model.py:build_model"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", help="preset of every deployment (default: prefect.yaml's)")
+    parser.add_argument("--cron", help="cron of the scheduled deployments (default: prefect.yaml's, e.g. '0 2 * * *')")
+    parser.add_argument("--timezone", help="IANA time zone of the cron, e.g. Europe/Paris (default: prefect.yaml's)")
+    args = parser.parse_args(argv)
+    deployments = []
+    for spec in deployment_specs():
+        parameters = {**spec.get("parameters", {}), **({"preset": args.preset} if args.preset else {})}
+        schedules = [
+            Cron(args.cron or schedule["cron"], timezone=args.timezone or schedule.get("timezone"))
+            for schedule in spec.get("schedules") or []
+        ]
+        deployments.append(build_model.to_deployment(
+            name=spec["name"], description=spec.get("description"), tags=spec.get("tags"),
+            parameters=parameters, schedules=schedules,
+        ))
+    _take_over_from_work_pools([f"{build_model.name}/{deployment.name}" for deployment in deployments])
+    serve(*deployments)
+
+
+def _take_over_from_work_pools(names: list[str]) -> None:
+    with get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                deployed = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                continue
+            if deployed.work_pool_name:
+                print(f"{name} was deployed to work pool {deployed.work_pool_name!r}; serving it from this process"
+                      " instead (`make deploy` gives it back to the pool)")
+                client.delete_deployment(deployed.id)
 
 
 if __name__ == "__main__":
