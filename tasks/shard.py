@@ -133,10 +133,12 @@ def tokenize_chunk(chunk: Chunk, index: int, tokenizer_dir: str, runs_dir: str, 
         with atomic_path(_run_file(runs_dir, index, stream)) as tmp, open(tmp, "wb") as handle:
             np.save(handle, framed)
         runs[stream] = int(framed.size)
-    return {"runs": runs, "process": f"{socket.gethostname()}:{os.getpid()}",
-            "stats": {name: {lang: dict(c) for lang, c in by_lang.items()}
-                                    for name, by_lang in stats.items()},
-            "text_bytes": sum(c["text_bytes"] for by_lang in stats.values() for c in by_lang.values())}
+    return {
+        "runs": runs,
+        "process": f"{socket.gethostname()}:{os.getpid()}",
+        "stats": {name: {lang: dict(c) for lang, c in by_lang.items()} for name, by_lang in stats.items()},
+        "text_bytes": sum(c["text_bytes"] for by_lang in stats.values() for c in by_lang.values()),
+    }
 
 
 @task(name="write-shard", task_run_name="write-{file}", cache_policy=NO_CACHE, persist_result=False)

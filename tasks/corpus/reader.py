@@ -20,10 +20,8 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
-from tasks.acquire import DOCUMENTS
 from tasks.corpus.sampling import content_hashes
 from tasks.stage import Artifact, read_jsonl
-from tasks.synthesize import STORIES
 
 INLINE_CHUNK_BYTES = 4_000_000
 
@@ -103,6 +101,8 @@ class Corpus:
 
 
 def documents(artifact: Artifact | None) -> Corpus:
+    from tasks.acquire import DOCUMENTS  # here, not at the top: training reads shards without importing the stages
+
     if artifact is None:
         return Corpus([])
     path = artifact.path / DOCUMENTS
@@ -112,6 +112,8 @@ def documents(artifact: Artifact | None) -> Corpus:
 
 def stories(artifact: Artifact | None) -> list[dict[str, str]]:
     """Accepted stories with index < the requested n (a larger earlier run may have left more on disk)."""
+    from tasks.synthesize import STORIES
+
     if artifact is None:
         return []
     wanted = artifact.manifest.get("config", {}).get("n")
