@@ -207,7 +207,9 @@ class RegisterConfig(Section):
     experiment: str = "scriptorium"
     model_name: str = "scriptorium-lm"
     champion_alias: str = "champion"
-    champion_metric: Literal["val_bpb", "val_loss", "val_perplexity"] = "val_bpb"
+    champion_metric: str = Field(
+        "val_bpb", pattern=r"^val_(bpb|loss|perplexity)(\.[A-Za-z0-9_-]+)?$",
+        description="lower is better: val_bpb, val_loss or val_perplexity, or one language's, e.g. val_bpb.fr")
 
 
 # `register` is the stage's name; pydantic warns that it shadows ABCMeta.register, which no config code uses.

@@ -168,6 +168,10 @@ def register(cfg: RegisterConfig, out_dir: Path, log: logging.Logger, *, acquire
 
     upstream = {"acquire": acquire, "synthesize": synthesize, "tokenizer": tokenizer, "shard": shard, "train": train,
                 "evaluate": evaluate, "export": export}
+    if cfg.champion_metric not in evaluate.manifest["metrics"]:
+        languages = sorted(k.split(".", 1)[1] for k in evaluate.manifest["metrics"] if k.startswith("val_bpb."))
+        raise ValueError(f"register.champion_metric '{cfg.champion_metric}' is not among evaluate's metrics (the "
+                         f"validation split has the languages {languages}): choose one of those or the total")
     uri, artifact_location = store_location(cfg, out_dir.parents[1])
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
