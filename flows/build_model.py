@@ -20,13 +20,14 @@ from tasks.evaluate import evaluate_task
 from tasks.export import export_task
 from tasks.register import register_task
 from tasks.shard import shard_task
-from tasks.stage import StageRunner, hold_artifacts
+from tasks.stage import StageRunner, hold_artifacts, reference_serializer
 from tasks.synthesize import synthesize_task
 from tasks.tokenizer import tokenizer_task
 from tasks.train import train_task
 
 
-@flow(name="build-model", log_prints=True)
+# A failed run persists its exception: as JSON, not with Prefect's default pickle
+@flow(name="build-model", log_prints=True, result_serializer=reference_serializer())
 def build_model(preset: str = "quickstart", overrides: list[str] | None = None) -> dict[str, Any]:
     cfg = load_config(preset, overrides or [])
     with hold_artifacts(cfg.artifacts_dir):  # one run at a time per artifacts directory; a second one waits

@@ -536,7 +536,8 @@ def resolve_reference(ref: Any, root: Path) -> Artifact:
 
 @functools.lru_cache(maxsize=None)
 def reference_serializer() -> Any:
-    """Prefect's serializer for stage results: JSON only, no object hooks, so reading a record runs no code.
+    """Prefect's serializer for this pipeline's results (stage references, a failed run's exception): JSON only, no
+    object hooks, so reading a record runs no code.
 
     Defined on first use so that importing this module does not import Prefect (torchrun, plain tests)."""
     from prefect.serializers import Serializer

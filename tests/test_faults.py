@@ -585,9 +585,12 @@ def test_a_404_fails_once_not_retried_and_prints_one_line_without_credentials(pr
         overrides = [f"artifacts_dir={tmp_path / 'artifacts'}", "synthesize.n=0",
                      f"acquire.sources={json.dumps([{'kind': 'http', 'url': url}])}"]
         command = [sys.executable, "-m", "flows", *[x for o in overrides for x in ("--set", o)]]
-        env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+        storage = tmp_path / "prefect-storage"  # where Prefect persists the failed flow run's exception
+        env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_LOCAL_STORAGE_PATH": str(storage)}
         failed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert failed.returncode == 1, failed.stderr[-3000:]
+    persisted = [json.loads(p.read_bytes()) for p in storage.iterdir()]  # JSON, not a pickled exception
+    assert persisted and all(record.get("error") == "AcquireError" for record in persisted)
     last = failed.stderr.strip().splitlines()[-1]
     assert last.startswith("error: download of http://***@127.0.0.1") and "HTTP 404" in last
     assert len(server.requests) == 1  # acquire declares retries=2: a 404 is not retried
