@@ -155,7 +155,7 @@ def kill_during(stage: str, overrides: list[str], env: dict[str, str], durations
     run.wait()
     done = [s for _, s, _ in run.finished()]
     running = next((s for s in PIPELINE if s in durations and s not in done), "the end")
-    return f"in {running}" + (" (start-up)" if not run.finished() else "")
+    return f"in {running}" if running != "the end" else "after the last stage"
 
 
 def check(artifacts: Path) -> list[str]:
