@@ -261,7 +261,7 @@ def quantize_gguf(src: Path | str, dst: Path | str, qtype: str = "q8_0") -> Path
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftypes[qtype]
     params.allow_requantize = True
-    params.nthread = os.cpu_count() or 1
+    params.nthread = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if llama_cpp.llama_model_quantize(str(src).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
         partial.unlink(missing_ok=True)
         raise ExportError(f"llama.cpp could not quantize {src} to {qtype}; its log above says which tensor and why")

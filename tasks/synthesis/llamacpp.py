@@ -27,7 +27,6 @@ that benchmark's output and in the closing notes that report it, never here:
 """
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from tasks.synthesis.backend import Completion, NextRequest, StoryRequest, SynthesizeError, cpu_threads, default_threads
+from tasks.synthesis.backend import Completion, NextRequest, StoryRequest, SynthesizeError, default_threads
 from tasks.synthesis.sampling import sample_token
 
 if TYPE_CHECKING:
@@ -99,26 +98,22 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def requantize_gguf(source: Path, target_type: str, directory: str | None = None) -> Path:
-    """Write `source` re-quantized to `target_type` into a temporary file (the caller loads then deletes it)."""
+    """Write `source` re-quantized to `target_type` into a temporary file (the caller loads then deletes it), with
+    the quantizer the export stage uses (model/export/gguf.py)."""
     import tempfile
 
-    import llama_cpp
+    from model.export import ExportError, quantize_gguf
 
-    ftypes = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
-              "f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16, "f32": llama_cpp.LLAMA_FTYPE_ALL_F32}
     fd, name = tempfile.mkstemp(prefix=f"{source.stem}.", suffix=f".{target_type}.gguf", dir=directory)
     os.close(fd)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftypes[target_type]
-    params.allow_requantize = True
-    params.nthread = cpu_threads()
-    if llama_cpp.llama_model_quantize(str(source).encode(), name.encode(), ctypes.byref(params)) != 0:
+    try:
+        return quantize_gguf(source, name, target_type)
+    except ExportError:
         Path(name).unlink(missing_ok=True)
         raise SynthesizeError(
             f"llama.cpp could not re-quantize {source} to {target_type}: is it a GGUF file? "
             "(synthesize.requantize: null loads it as it is)"
-        )
-    return Path(name)
+        ) from None
 
 
 class LlamaCppBackend:
