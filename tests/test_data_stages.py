@@ -1,6 +1,7 @@
 """acquire, tokenizer and shard as plain functions on real files, SentencePiece and Parquet."""
 from __future__ import annotations
 
+import gc
 import hashlib
 import http.server
 import json
@@ -293,3 +294,35 @@ def test_shards_are_the_same_bytes_on_a_dask_cluster_of_two_processes(prefect_ap
     assert local["chunks"] == distributed["chunks"] >= 8 and local["worker_processes"] == 1
     assert distributed["worker_processes"] == 2  # chunks were tokenized in both worker processes
     assert [(s["file"], s["sha256"]) for s in distributed["shards"]] == [(s["file"], s["sha256"]) for s in local["shards"]]
+
+
+def test_training_windows_memory_map_the_shards_and_draw_the_same_batches(tmp_path, small_corpus):
+    """Training reads each shard decompressed into a private memory-mapped file: the batches are those of the
+    in-memory shards, the arrays are file-backed (np.memmap), and the scratch directory goes with the windows."""
+    from tasks.training.data import Windows
+
+    tok_dir, out = tmp_path / "tok", tmp_path / "shards"
+    tok_dir.mkdir()
+    out.mkdir()
+    records = _records(small_corpus)
+    build_tokenizer(TokenizerConfig(vocab_size=320), records, tok_dir, LOG)
+    manifest = shard_corpus(ShardConfig(tokens_per_shard=3000, val_fraction=0.1), Corpus.from_records(records),
+                            tok_dir, out, LOG)
+    train = split_tokens(write_manifest(out, "shard", manifest), "train")
+    assert len(train) >= 3
+    in_memory = [train.read(i).copy() for i in range(len(train))]
+    windows = Windows(train, block_size=32, seed=7)
+    scratch = Path(windows._scratch.name)
+    x, y = windows.batch(64, 3)
+    assert all(isinstance(windows.tokens.shard(i), np.memmap) for i in range(len(train)))
+    assert sorted(p.name for p in scratch.iterdir()) == [f"{i:05d}.tokens" for i in range(len(train))]
+    rng = np.random.default_rng([7, 3])
+    picks = rng.integers(0, int(windows.starts.sum()), size=64)
+    shard = np.searchsorted(windows.before, picks, side="right") - 1
+    for row, (index, pick) in enumerate(zip(shard, picks)):
+        start = pick - windows.before[index]
+        expected = in_memory[index][start : start + 33]
+        assert x[row].tolist() == expected[:-1].tolist() and y[row].tolist() == expected[1:].tolist()
+    del windows
+    gc.collect()
+    assert not scratch.exists()

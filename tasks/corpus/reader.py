@@ -158,6 +158,42 @@ class ShardTokens:
         """Shard `index` without keeping it (for one pass over the split, e.g. evaluation)."""
         return self._arrays[index] if self._arrays[index] is not None else read_shard(self.paths[index])
 
+    def mapped(self, directory: Path) -> "ShardTokens":
+        """The same split, each shard decompressed once into `directory` as raw tokens and memory-mapped.
+
+        Random windows over a zstd Parquet shard need the whole shard decompressed; kept in memory that is 2 bytes a
+        token of the whole training set. Mapped from a raw file, the tokens are page cache the kernel can drop, so the
+        process's own memory does not grow with the corpus (nanoGPT trains from a memory-mapped `train.bin` for the
+        same reason). In-memory arrays (a flat array given to training) are kept as they are."""
+        return _MappedShardTokens(self.paths, list(self.sizes), list(self._arrays), Path(directory))
+
+
+class _MappedShardTokens(ShardTokens):
+    def __init__(self, paths: list[Path | None], sizes: list[int], arrays: list[np.ndarray | None], directory: Path):
+        super().__init__(paths, sizes, arrays)
+        self.directory = directory
+
+    def shard(self, index: int) -> np.ndarray:
+        if self._arrays[index] is None:
+            raw = self.directory / f"{index:05d}.tokens"
+            if not raw.is_file():  # a partial file never exists under the final name (rename)
+                tokens = read_shard(self.paths[index])
+                scratch = raw.with_suffix(".partial")
+                tokens.tofile(scratch)
+                scratch.rename(raw)
+                dtype = tokens.dtype
+            else:
+                dtype = read_shard_dtype(self.paths[index])
+            self._arrays[index] = np.memmap(raw, dtype=dtype, mode="r", shape=(int(self.sizes[index]),))
+        return self._arrays[index]
+
+    def read(self, index: int) -> np.ndarray:
+        return self.shard(index)
+
+
+def read_shard_dtype(path: Path) -> np.dtype:
+    return np.dtype(pq.ParquetFile(path).schema_arrow.field(0).type.to_pandas_dtype())
+
 
 def split_shards(artifact: Artifact, split: str, language: str | None = None) -> list[dict[str, Any]]:
     return [s for s in artifact.manifest["shards"] if s["split"] == split and s["tokens"] > 0

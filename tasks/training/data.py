@@ -5,11 +5,15 @@ A window is `block_size + 1` consecutive tokens inside one shard (a window never
 token is as likely to be trained on as with one big array, and with a single shard it is exactly the old draw. The
 batch for a key is a pure function of (seed, key): exact resumption needs nothing but the step number.
 
-Shards are read zero-copy (`ShardTokens`), each when first drawn from, and kept: the training set's tokens stay in
-memory at their own width (2 bytes a token for vocabularies up to 65,536), the text is never held, and nothing is
-ever copied into one array.
+Each shard is decompressed once, when first drawn from, into a private temporary directory and memory-mapped
+(`ShardTokens.mapped`): the tokens are page cache the kernel may drop, not process memory, so a 2 GB corpus trains
+in the same resident memory as a small one; nothing is ever copied into one array. The directory goes when the
+windows do.
 """
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +25,8 @@ class Windows:
     """Random (x, y) windows of a split's shards (or of one flat array); the draw for a given key is always the same."""
 
     def __init__(self, tokens: np.ndarray | ShardTokens, block_size: int, seed: int):
-        self.tokens = ShardTokens.of(tokens)
+        self._scratch = tempfile.TemporaryDirectory(prefix="scriptorium-tokens-")
+        self.tokens = ShardTokens.of(tokens).mapped(Path(self._scratch.name))
         self.starts = np.maximum(self.tokens.sizes - block_size - 1, 0)  # valid window starts per shard
         if self.starts.sum() == 0:
             raise ValueError(f"only {self.tokens.size} tokens (largest shard {self.tokens.sizes.max(initial=0)}) for "
