@@ -1,4 +1,4 @@
-"""The `word` tokenizer kind: whole words from the documents, characters for the rest, JSON on disk, any architecture."""
+"""The `word` tokenizer kind: whole words from the documents, characters for the rest, JSON on disk, any arch."""
 from __future__ import annotations
 
 import json
