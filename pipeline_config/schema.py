@@ -160,12 +160,16 @@ class TokenizerConfig(Section):
                              f"{', '.join(labels) or '(none: add tokenizer.candidates)'}")
         return self
 
+    @property
+    def chosen_label(self) -> str | None:
+        """The name of the candidate that continues the pipeline (None without candidates)."""
+        return (self.choose or self.candidates[0].label) if self.candidates else None
+
     def chosen(self) -> "TokenizerConfig":
         """The configuration that continues the pipeline: the chosen candidate's kind, model_type and vocab_size."""
         if not self.candidates:
             return self
-        pick = next(c for c in self.candidates if c.label == (self.choose or self.candidates[0].label))
-        return self.candidate(pick)
+        return self.candidate(next(c for c in self.candidates if c.label == self.chosen_label))
 
     def candidate(self, candidate: TokenizerCandidate) -> "TokenizerConfig":
         """These settings with one candidate's kind, model_type and vocab_size, and no comparison of its own."""

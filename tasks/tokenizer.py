@@ -207,9 +207,8 @@ def build_tokenizer(cfg: TokenizerConfig, corpus: Corpus | list[dict[str, str]],
         "sample": {"train": _sample_summary(train_sample), "fertility": _sample_summary(fertility_sample)},
     }
     if cfg.candidates:
-        chosen = next(c.label for c in cfg.candidates if c.label == (cfg.choose or cfg.candidates[0].label))
-        comparison = compare_candidates(cfg, (train_sample, fertility_sample), characters, (chosen, report),
-                                        out_dir, log)
+        comparison = compare_candidates(cfg, (train_sample, fertility_sample), characters,
+                                        (cfg.chosen_label, report), out_dir, log)
         files += comparison.pop("files")
         summary["comparison"] = comparison
     return {**summary, "files": describe_files(out_dir, files + [REPORT])}
