@@ -1,6 +1,7 @@
 """Training throughput and MFU of each architecture, against this machine's own matmul peak.
 
     python benchmarks/train_throughput.py [--archs gpt,llama,mamba2] [--dtypes fp32,bf16] [--steps 10]
+    python benchmarks/train_throughput.py --preset ys-71m [--batch-size 4]   a preset's own model (at its vocab size)
 
 The reference is this machine's matmul peak: large square matmuls in fp32 and in bf16, measured in this
 same run (before and after the models; the higher is kept), so that MFU is relative to what this device
@@ -99,6 +100,16 @@ def train_throughput(cfg: ModelConfig, dtype: str, batch_size: int, warmup: int,
     }
 
 
+def preset_models(preset: str) -> dict[str, ModelConfig]:
+    """{preset name: the model its train stage builds}, at the preset's tokenizer.vocab_size (the most a word or
+    SentencePiece vocabulary holds; a char vocabulary is taken as 96)."""
+    from pipeline_config import load_config
+
+    cfg = load_config(preset)
+    vocab = 96 if cfg.tokenizer.chosen().kind == "char" else cfg.tokenizer.chosen().vocab_size
+    return {cfg.name: ModelConfig(**cfg.train.model.model_dump(), vocab_size=vocab)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--archs", default="gpt,llama,mamba2")
@@ -113,12 +124,16 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--matmul-size", type=int, default=None, help="side of the peak matmul (2048 CPU, 8192 CUDA)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch's default if unset)")
+    p.add_argument("--preset", default=None, help="time this preset's model (train.model at tokenizer.vocab_size) "
+                   "instead of the --archs at the sizes above")
     args = p.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    archs, dtypes = args.archs.split(","), args.dtypes.split(",")
+    models = preset_models(args.preset) if args.preset else None
+    archs = list(models) if models else args.archs.split(",")
+    dtypes = args.dtypes.split(",")
     for d in dtypes:
         if d not in DTYPES:
             p.error(f"--dtypes: {d!r} is not one of {', '.join(DTYPES)}")
@@ -126,16 +141,21 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}   torch {torch.__version__}")
 
-    print(
-        f"model: {args.n_layer} layers, d {args.n_embd}, {args.n_head} heads, context {args.block_size}, "
-        f"vocab {args.vocab_size}, batch {args.batch_size}; {args.warmup} warmup + {args.steps} timed steps"
-    )
+    if models:
+        for label, c in models.items():
+            print(f"model: {label}: {c.arch}, {c.n_layer} layers, d {c.n_embd}, context {c.block_size}, vocab "
+                  f"{c.vocab_size}, batch {args.batch_size}; {args.warmup} warmup + {args.steps} timed steps")
+    else:
+        print(
+            f"model: {args.n_layer} layers, d {args.n_embd}, {args.n_head} heads, context {args.block_size}, "
+            f"vocab {args.vocab_size}, batch {args.batch_size}; {args.warmup} warmup + {args.steps} timed steps"
+        )
     # The peak is measured before and after the models, and the higher of the two kept: on a shared
     # machine a peak measured while another process ran would inflate every MFU; the max only deflates.
     peak_before = {d: matmul_peak(device, DTYPES[d], n, seconds=1.5) for d in dtypes}
     results = {}
     for arch in archs:
-        cfg = ModelConfig(
+        cfg = models[arch] if models else ModelConfig(
             arch=arch,
             vocab_size=args.vocab_size,
             block_size=args.block_size,

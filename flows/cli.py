@@ -5,6 +5,7 @@
     scriptorium generate --model models:/NAME/3 --interactive     a completion REPL (/temp 0.5, /top_k 20, Ctrl-D)
     scriptorium export --model models:/NAME@champion --format gguf --quant q8_0 --out DIR
     scriptorium models                                            registered models, versions, aliases, metrics
+    scriptorium attention --model models:/NAME@champion --prompt "the dog" --out DIR   a heat map per layer and head
 
 The verbs and sampling flags are the ones people know from litgpt (`generate`, `export`) and llama.cpp
 (`--temperature`, `--top-k`, `--top-p`, `--seed`). `--model` takes a registry URI (an alias or a version) or a
@@ -206,6 +207,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attention(args: argparse.Namespace) -> int:
+    from model.attention_maps import AttentionMapError, write_attention_maps
+
+    model, tokenizer, _ = load(args)
+    try:
+        paths = write_attention_maps(model, tokenizer, args.prompt, Path(args.out))
+    except AttentionMapError as err:
+        raise CLIError(str(err)) from None
+    print(f"{len(paths)} attention maps ({model.config.n_layer} layers x {model.config.n_head} heads) in {args.out}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
@@ -269,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--quant", choices=("q8_0", "q5_0", "q4_0", "q4_k_m"), help="also quantize the GGUF to this")
     export.add_argument("--out", required=True, help="output directory")
     export.set_defaults(func=cmd_export)
+    attention = sub.add_parser("attention", help="draw a model's attention over a prompt, one PNG per layer and head",
+                               description="Draw each head's attention probabilities over a prompt (gpt, llama).")
+    _model_options(attention)
+    attention.add_argument("--prompt", default="Once upon a time", help="the text whose attention is drawn")
+    attention.add_argument("--out", required=True, help="output directory for layerLL_headHH.png")
+    attention.set_defaults(func=cmd_attention)
     models = sub.add_parser("models", help="list registered models, versions, aliases and metrics",
                             description="List registered models, versions, aliases and their metrics.")
     models.add_argument("--tracking-uri", default=_default_tracking_uri(), help="MLflow tracking store")

@@ -8,6 +8,7 @@ parameter, so a sweep can compare the two at the same trainable size minus the t
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention_maps import attention_probs
 from .causal_lm import AttentionLM
 from .config import ModelConfig
 from .layers import (
@@ -18,6 +19,8 @@ from .layers import (
 
 
 class CausalSelfAttention(nn.Module):
+    keep_probs = False  # model/attention_maps.py turns it on to keep `probs`
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer  # index into the KV cache
@@ -35,6 +38,8 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(self.layer, k, v)
         dropout_p = self.dropout if self.training else 0.0
         y = causal_attention(q, k, v, attn_mask, dropout_p)
+        if self.keep_probs:  # opt-in, for attention maps: SDPA's fused kernels never form the probabilities
+            self.probs = attention_probs(q, k, attn_mask)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

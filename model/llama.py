@@ -11,6 +11,7 @@ up projections from another, so each block does four large matmuls instead of se
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention_maps import attention_probs
 from .causal_lm import AttentionLM
 from .config import ModelConfig
 from .layers import (
@@ -23,6 +24,8 @@ from .layers import (
 
 
 class Attention(nn.Module):
+    keep_probs = False  # model/attention_maps.py turns it on to keep `probs`
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer  # index into the KV cache
@@ -44,6 +47,8 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)  # the cache stores un-repeated kv heads: GQA's saving
         dropout_p = self.dropout if self.training else 0.0
         y = causal_attention(q, k, v, attn_mask, dropout_p, enable_gqa=self.n_kv_head != self.n_head)
+        if self.keep_probs:  # opt-in, for attention maps: SDPA's fused kernels never form the probabilities
+            self.probs = attention_probs(q, k, attn_mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, C))
 
 

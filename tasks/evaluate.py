@@ -28,11 +28,12 @@ from model.generation import generate_text
 from model.tokenizer import load_tokenizer
 from pipeline_config.schema import EvaluateConfig
 from tasks.corpus.reader import ShardTokens, split_languages, split_tokens
-from tasks.stage import Artifact, Stage, describe_files, prefect_task, write_json
+from tasks.stage import Artifact, Stage, atomic_path, describe_files, prefect_task, write_json
 from tasks.train import MODEL_CONFIG, WEIGHTS
 
 SAMPLES = "samples.json"
 METRICS = "metrics.json"
+ATTENTION_MAP = "attention.png"  # the last layer's heads on the first prompt (attention architectures only)
 
 
 def _consecutive_windows(tokens: ShardTokens, block_size: int, limit: int) -> list[tuple[int, int, int]]:
@@ -115,7 +116,22 @@ def evaluate(cfg: EvaluateConfig, out_dir: Path, log: logging.Logger, *,
              metrics["val_perplexity"], metrics["val_bpb"], metrics["val_tokens_scored"],
              "".join(f"; {lang}: {metrics[f'val_bpb.{lang}']:.4f} bits/byte" for lang in losses if lang))
     log.info("evaluate: sample (%s) %r", samples[0]["mode"], samples[0]["text"][:200])
-    return {"metrics": metrics, "samples": samples, "files": describe_files(out_dir, [METRICS, SAMPLES])}
+    files = [METRICS, SAMPLES] + ([ATTENTION_MAP] if _attention_map(model, text_tokenizer, cfg, out_dir) else [])
+    return {"metrics": metrics, "samples": samples, "files": describe_files(out_dir, files)}
+
+
+def _attention_map(model: torch.nn.Module, tokenizer: Any, cfg: EvaluateConfig, out_dir: Path) -> bool:
+    """Draw the representative attention map (model/attention_maps.py); False for mamba2 or without matplotlib."""
+    from model.attention_maps import AttentionMapError, write_representative_map
+
+    if not cfg.prompts:
+        return False
+    try:
+        with atomic_path(out_dir / ATTENTION_MAP) as tmp:
+            write_representative_map(model, tokenizer, cfg.prompts[0], tmp)
+    except (AttentionMapError, ImportError):
+        return False
+    return True
 
 
 STAGE = Stage(name="evaluate", run=evaluate, inputs=("tokenizer", "shard", "train"))

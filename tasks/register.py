@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline_config.schema import RegisterConfig
-from tasks.evaluate import SAMPLES
+from tasks.evaluate import ATTENTION_MAP, SAMPLES
 from tasks.stage import REPO_ROOT, Artifact, PipelineError, Stage, json_digest, key_upstream, prefect_task, \
     read_jsonl, write_json
+from tasks.tokenizer import COMPARISON_CHART
 from tasks.tokenizer import REPORT as FERTILITY
 from tasks.train import METRICS as TRAIN_METRICS
-from tasks.train import MODEL_CONFIG, WEIGHTS
+from tasks.train import MODEL_CONFIG, PROFILE, WEIGHTS
 
 REGISTERED = "registered.json"
 SQLITE_TIMEOUT = 30.0  # seconds still_registered waits for a writer (the MLflow UI, another run) to let go
@@ -76,7 +77,8 @@ def _loss_plot(rows: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
-CURVE_KEYS = {"loss": "train/loss", "val_loss_estimate": "train/val_loss_estimate", "lr": "train/lr"}
+CURVE_KEYS = {"loss": "train/loss", "val_loss_estimate": "train/val_loss_estimate", "lr": "train/lr",
+              "grad_norm": "train/grad_norm"}
 SUMMARY_KEYS = ("tokens_per_s", "train_seconds", "energy_kwh", "emissions_kg_co2eq", "parameters", "final_train_loss")
 
 
@@ -123,7 +125,23 @@ def _log_lineage(client: Any, run_id: str, upstream: dict[str, Artifact | None],
         mlflow.log_artifact(str(emissions))
     if _loss_plot(rows, out_dir / "loss.png"):
         mlflow.log_artifact(str(out_dir / "loss.png"), "plots")
+    _log_seed_reports(upstream)
     return metrics
+
+
+def _log_seed_reports(upstream: dict[str, Artifact | None]) -> None:
+    """The model profile, the tokenizer comparison (table + chart) and the evaluate attention map, where present."""
+    import mlflow
+
+    from tasks.tokenization.comparison import as_columns
+
+    for stage, name, folder in (("train", PROFILE, None), ("tokenizer", COMPARISON_CHART, "plots"),
+                                ("evaluate", ATTENTION_MAP, "plots")):
+        if upstream.get(stage) is not None and (upstream[stage].path / name).is_file():
+            mlflow.log_artifact(str(upstream[stage].path / name), folder)
+    comparison = upstream["tokenizer"].manifest.get("comparison") if upstream.get("tokenizer") else None
+    if comparison:
+        mlflow.log_table(as_columns(comparison["rows"]), "tables/tokenizer_comparison.json")
 
 
 def _log_exports(export: Artifact) -> None:

@@ -1,4 +1,5 @@
-"""tokenizer: learn a vocabulary (SentencePiece BPE/unigram with byte fallback, or characters) and report its fertility.
+"""tokenizer: learn a vocabulary (SentencePiece BPE/unigram with byte fallback, characters, or whole words with a
+character fallback) and report its fertility; optionally compare several candidate vocabularies side by side.
 
 Training settings follow llama2.c's `train_vocab`: identity normalisation (acquire already applied NFC, and any other
 rule would make decode(encode(x)) != x), byte fallback so no input is ever <unk>, digits split, full character
@@ -14,6 +15,10 @@ Neither reads the whole corpus into memory. The vocabulary is learned from a sam
 content hash (`tasks/corpus/sampling.py`), so it is spread evenly over the whole corpus, not its first megabytes, and
 stratified by language: each language's share goes as its size to the power `language_exponent` (1: proportional,
 0: equal). The fertility report encodes a sample of `fertility_bytes` per language drawn the same way.
+
+With `candidates`, every candidate is trained on that same sample and reported on that same fertility sample
+(`comparison.json`, `comparison.png`, and each candidate's files under `candidates/<name>/`); the one `choose` names,
+or the first, is the stage's tokenizer, so what continues the pipeline is one of the vocabularies compared.
 """
 from __future__ import annotations
 
@@ -25,15 +30,17 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from model.tokenizer import BOS, EOS, SPECIALS, UNK, load_tokenizer
+from model.tokenizer import BOS, EOS, SPECIALS, UNK, WordTokenizer, load_tokenizer
 from pipeline_config.schema import TokenizerConfig
 from tasks.corpus.reader import Corpus
 from tasks.corpus.sampling import FERTILITY_SAMPLE, TOKENIZER_SAMPLE, in_sample, language_quotas
 from tasks.stage import Artifact, Stage, describe_files, prefect_task, write_atomic, write_json
+from tasks.tokenization.comparison import comparison_chart, comparison_rows
 
 MODEL_FILE = "tokenizer.model"  # SentencePiece
-VOCAB_FILE = "vocab.json"  # character-level
+VOCAB_FILE = "vocab.json"  # character- or word-level
 REPORT = "fertility.json"
+COMPARISON, COMPARISON_CHART, CANDIDATES = "comparison.json", "comparison.png", "candidates"
 MAX_SENTENCE_BYTES = 16384
 REPORT_WORDS_PER_LANGUAGE = 100_000
 Samples = dict[str, list[str]]  # language -> texts
@@ -132,37 +139,79 @@ def fertility_report(tokenizer: Any, samples: Samples, num_threads: int = 1) -> 
     }
 
 
+def train_vocabulary(cfg: TokenizerConfig, train_sample: Samples, characters: list[str], out_dir: Path) -> str:
+    """Learn `cfg`'s kind of vocabulary into `out_dir`; returns the file written. `characters`: the corpus's own."""
+    texts = [t for lang in sorted(train_sample) for t in train_sample[lang]]
+    if cfg.kind == "char":
+        write_json(out_dir / VOCAB_FILE, SPECIALS + characters)
+        return VOCAB_FILE
+    if cfg.kind == "word":
+        write_json(out_dir / VOCAB_FILE, WordTokenizer.vocabulary(texts, characters, cfg.vocab_size))
+        return VOCAB_FILE
+    train_sentencepiece(cfg, texts, out_dir)
+    return MODEL_FILE
+
+
+def _log_fertility(log: logging.Logger, report: dict[str, Any], label: str = "") -> None:
+    for lang, row in report["languages"].items():
+        log.info(
+            "tokenizer%s [%s]: %.2f tokens/word, %.1f%% words split, %.2f bytes/token, unk %.4f, vocab use %.1f%%",
+            f" {label}" if label else "", lang, row["tokens_per_word"], 100 * row["continued_word_share"],
+            row["bytes_per_token"], row["unknown_rate"], 100 * row["vocab_use"],
+        )
+
+
+def compare_candidates(cfg: TokenizerConfig, samples: tuple[Samples, Samples], characters: list[str],
+                       chosen: tuple[str, dict[str, Any]], out_dir: Path, log: logging.Logger) -> dict[str, Any]:
+    """Train every candidate on the same sample, report each on the same fertility sample, write the table + chart.
+    `chosen` is (label, report) of the stage's own tokenizer, which is not trained twice."""
+    reports, files = {}, []
+    for candidate in cfg.candidates:
+        if candidate.label == chosen[0]:
+            reports[candidate.label] = chosen[1]
+            continue
+        where = out_dir / CANDIDATES / candidate.label
+        name = train_vocabulary(cfg.candidate(candidate), samples[0], characters, where)
+        reports[candidate.label] = fertility_report(load_tokenizer(where), samples[1], cfg.num_threads)
+        files.append(f"{CANDIDATES}/{candidate.label}/{name}")
+        _log_fertility(log, reports[candidate.label], candidate.label)
+    rows = comparison_rows(reports, chosen[0])
+    write_json(out_dir / COMPARISON, {"chosen": chosen[0], "rows": rows})
+    files.append(COMPARISON)
+    if comparison_chart(rows, out_dir / COMPARISON_CHART):
+        files.append(COMPARISON_CHART)
+    return {"chosen": chosen[0], "rows": rows, "files": files}
+
+
 def build_tokenizer(cfg: TokenizerConfig, corpus: Corpus | list[dict[str, str]], out_dir: Path,
                     log: logging.Logger) -> dict[str, Any]:
     """Learn the vocabulary of `corpus` (or of documents given as {text, language} records) into `out_dir`."""
     corpus = Corpus.from_records(corpus) if isinstance(corpus, list) else corpus
     if not corpus.chunks:
         raise ValueError("tokenizer: the corpus is empty (acquire and synthesize produced no documents)")
+    run = cfg.chosen()
     train_sample, fertility_sample = draw_samples(cfg, corpus)
-    if cfg.kind == "char":
-        write_json(out_dir / VOCAB_FILE, char_vocabulary(corpus))
-        files = [VOCAB_FILE]
-    else:
-        train_sentencepiece(cfg, [t for lang in sorted(train_sample) for t in train_sample[lang]], out_dir)
-        files = [MODEL_FILE]
+    kinds = {run.kind, *(c.kind for c in cfg.candidates)}
+    characters = char_vocabulary(corpus)[len(SPECIALS):] if kinds & {"char", "word"} else []
+    files = [train_vocabulary(run, train_sample, characters, out_dir)]
     tokenizer = load_tokenizer(out_dir)
     report = fertility_report(tokenizer, fertility_sample, cfg.num_threads)
     write_json(out_dir / REPORT, report)
-    for lang, row in report["languages"].items():
-        log.info(
-            "tokenizer [%s]: %.2f tokens/word, %.1f%% words split, %.2f bytes/token, unk %.4f, vocab use %.1f%%",
-            lang, row["tokens_per_word"], 100 * row["continued_word_share"], row["bytes_per_token"],
-            row["unknown_rate"], 100 * row["vocab_use"],
-        )
-    return {
-        "kind": cfg.kind,
+    _log_fertility(log, report)
+    summary: dict[str, Any] = {
+        "kind": run.kind,
         "vocab_size": tokenizer.vocab_size,
         "bos_id": tokenizer.bos_id,
         "eos_id": tokenizer.eos_id,
         "fertility": report["languages"],
         "sample": {"train": _sample_summary(train_sample), "fertility": _sample_summary(fertility_sample)},
-        "files": describe_files(out_dir, files + [REPORT]),
     }
+    if cfg.candidates:
+        comparison = compare_candidates(cfg, (train_sample, fertility_sample), characters,
+                                        (cfg.chosen_label, report), out_dir, log)
+        files += comparison.pop("files")
+        summary["comparison"] = comparison
+    return {**summary, "files": describe_files(out_dir, files + [REPORT])}
 
 
 def tokenizer(cfg: TokenizerConfig, out_dir: Path, log: logging.Logger, *,

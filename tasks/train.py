@@ -19,6 +19,7 @@ from tasks.corpus.reader import split_tokens
 from tasks.stage import Artifact, Stage, atomic_path, describe_files, prefect_task, write_json
 from tasks.training.checkpoints import WEIGHTS
 from tasks.training.loop import METRICS, RESUMABLE_KNOBS, TrainingDiverged, train  # noqa: F401  (callers import these)
+from tasks.training.loop import PROFILE
 
 MODEL_CONFIG = "model_config.json"
 
@@ -34,7 +35,7 @@ def train_stage(cfg: TrainConfig, out_dir: Path, log: logging.Logger, *, shard: 
     with atomic_path(out_dir / WEIGHTS) as weights:
         save_model(model, str(weights))
     write_json(out_dir / MODEL_CONFIG, summary["model_config"])
-    return {**summary, "files": describe_files(out_dir, [WEIGHTS, MODEL_CONFIG])}
+    return {**summary, "files": describe_files(out_dir, [WEIGHTS, MODEL_CONFIG, PROFILE])}
 
 
 # A re-run with another learning rate or time budget shares the work directory, so it can resume (see the loop).

@@ -36,9 +36,10 @@ def sentencepiece_file(tokenizer_dir: Path) -> Path:
         return tokenizer_dir / "tokenizer.model"
     if (tokenizer_dir / "vocab.json").is_file():
         raise ExportError(
-            f"{tokenizer_dir} holds a character-level tokenizer (vocab.json), which is not exportable: neither "
-            "transformers nor llama.cpp/GGUF has a tokenizer that maps one character to one id with <unk> for unseen "
-            "ones. Train the model with a SentencePiece tokenizer (tokenizer.kind=sentencepiece) to export it."
+            f"{tokenizer_dir} holds a character-level or word-level tokenizer (vocab.json), which is not exportable: "
+            "neither transformers nor llama.cpp/GGUF has a tokenizer that maps one character (or one word, spelled in "
+            "characters when unknown) to one id with <unk> for unseen ones. Train the model with a SentencePiece "
+            "tokenizer (tokenizer.kind=sentencepiece) to export it."
         )
     raise ExportError(f"no tokenizer.model in {tokenizer_dir}: point tokenizer_dir at the tokenizer stage's output")
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 
 from model import ModelConfig, build_model
+from model.profile import describe as describe_profile
+from model.profile import model_profile
 from pipeline_config.schema import TrainConfig
 from tasks.corpus.reader import ShardTokens
 from tasks.stage import PipelineError, read_jsonl, write_atomic, write_json
@@ -35,6 +37,7 @@ from tasks.training.distributed import agreed_elapsed, init_distributed
 from tasks.training.emissions import emissions_tracker
 
 METRICS = "metrics.jsonl"
+PROFILE = "profile.json"  # parameters by component, FLOPs per token, memory estimate (model/profile.py)
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # first element of every window key: training and evaluation never share draws
 
 
@@ -113,6 +116,8 @@ class Session:
     best_val: float
     stale: int
     last_loss: float = math.nan
+    grad_norm: float = math.nan  # the last step's gradient norm, before clipping
+    profile: dict[str, Any] | None = None
     stopped_early: bool = False
     out_of_time: bool = False
     elapsed: float = 0.0  # by rank 0's clock, read once per step (a broadcast under DDP) when a time budget is set
@@ -219,6 +224,9 @@ def train(
             "bf16 autocast" if s.dtype else "fp32", f"resuming at step {s.start}" if s.start else "from scratch",
         )
         _drop_rows_after(out_dir / METRICS, s.start)
+        s.profile = model_profile(s.model, cfg.batch_size, s.tokens_per_step)
+        write_json(out_dir / PROFILE, s.profile)
+        log.info("train: profile: %s", describe_profile(s.profile))
     windows = _windows(tokens, "train", s.mcfg.block_size, cfg.seed), _windows(val_tokens, "val", s.mcfg.block_size,
                                                                              cfg.seed)
     tracker = emissions_tracker(cfg.track_emissions, cfg.country_iso_code, out_dir) if s.leader else None
@@ -255,7 +263,7 @@ def _loop(s: Session, windows: tuple[Windows, Windows], metrics_path: Path, log:
         if cfg.dropout_final is not None:
             set_dropout(s.model, cfg.model.dropout + (cfg.dropout_final - cfg.model.dropout) * step / cfg.max_steps)
         s.last_loss, s.done = _step(s, windows[0], step), step + 1
-        row: dict[str, Any] = {"step": s.done, "loss": s.last_loss, "lr": lr}
+        row: dict[str, Any] = {"step": s.done, "loss": s.last_loss, "lr": lr, "grad_norm": s.grad_norm}
         if s.done % cfg.eval_interval == 0 or s.done == cfg.max_steps:
             row["val_loss_estimate"] = _estimate_val(s, windows[1])
         if cfg.max_seconds is not None:
@@ -292,8 +300,9 @@ def _step(s: Session, windows: Windows, step: int) -> float:
     # The norm is computed (and clipped when grad_clip > 0) every step: a finite loss with a non-finite gradient
     # would otherwise write NaN weights, and the next checkpoint with them.
     norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-    if not math.isfinite(norm.item()):
-        _diverged(s, step, f"the gradient norm became {norm.item()} (loss {step_loss:.4f})")
+    s.grad_norm = norm.item()
+    if not math.isfinite(s.grad_norm):
+        _diverged(s, step, f"the gradient norm became {s.grad_norm} (loss {step_loss:.4f})")
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
     return step_loss
@@ -353,4 +362,5 @@ def _summary(s: Session, seconds: float, tracker, emissions) -> dict[str, Any]:
         "train_seconds": seconds,
         "energy_kwh": tracker.final_emissions_data.energy_consumed if tracker else None,
         "emissions_kg_co2eq": emissions,
+        "profile": s.profile,
     }
