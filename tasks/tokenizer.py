@@ -29,6 +29,7 @@ from model.tokenizer import BOS, EOS, SPECIALS, UNK, load_tokenizer
 from pipeline_config.schema import TokenizerConfig
 from tasks.corpus.reader import Corpus
 from tasks.corpus.sampling import FERTILITY_SAMPLE, TOKENIZER_SAMPLE, in_sample, language_quotas
+from tasks.lineage.registry import adopt_tokenizer, parent_identity
 from tasks.stage import Artifact, Stage, describe_files, prefect_task, write_atomic, write_json
 
 MODEL_FILE = "tokenizer.model"  # SentencePiece
@@ -139,10 +140,11 @@ def build_tokenizer(cfg: TokenizerConfig, corpus: Corpus | list[dict[str, str]],
     if not corpus.chunks:
         raise ValueError("tokenizer: the corpus is empty (acquire and synthesize produced no documents)")
     train_sample, fertility_sample = draw_samples(cfg, corpus)
-    if cfg.kind == "char":
+    files = adopt_tokenizer(cfg.registry, cfg.from_model, out_dir, log)  # tokenizer.from_model: a registered one's
+    if not files and cfg.kind == "char":
         write_json(out_dir / VOCAB_FILE, char_vocabulary(corpus))
         files = [VOCAB_FILE]
-    else:
+    elif not files:
         train_sentencepiece(cfg, [t for lang in sorted(train_sample) for t in train_sample[lang]], out_dir)
         files = [MODEL_FILE]
     tokenizer = load_tokenizer(out_dir)
@@ -170,5 +172,10 @@ def tokenizer(cfg: TokenizerConfig, out_dir: Path, log: logging.Logger, *,
     return build_tokenizer(cfg, Corpus.of(acquire, synthesize), out_dir, log)
 
 
-STAGE = Stage(name="tokenizer", run=tokenizer, inputs=("acquire", "synthesize"))
+def registered_vocabulary(cfg: TokenizerConfig) -> dict[str, Any] | None:
+    """The cache key's view of `from_model`: the resolved version and its digests (None when learning)."""
+    return parent_identity(cfg.registry, cfg.from_model)
+
+
+STAGE = Stage(name="tokenizer", run=tokenizer, inputs=("acquire", "synthesize"), external=registered_vocabulary)
 tokenizer_task = prefect_task(STAGE)
