@@ -134,9 +134,11 @@ def _digests_by_download(uri: str, name: str, version: str, run_id: str) -> tupl
 def _download(uri: str, name: str, version: str, dst: Path) -> ParentFiles:
     import mlflow.artifacts
     import yaml
+    from mlflow.tracking import MlflowClient
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst),
-                                                     tracking_uri=uri, registry_uri=uri))
+    # the version's own artifact location: a `models:/` URI would be resolved against the process's global registry
+    location = MlflowClient(uri, registry_uri=uri).get_model_version_download_uri(name, version)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dst), tracking_uri=uri))
     try:
         artifacts = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]["artifacts"]
         return ParentFiles(*(local / artifacts[key]["path"] for key in ("weights", "model_config", "tokenizer")))
