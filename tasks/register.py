@@ -6,6 +6,8 @@ each stage's manifest. The model is a pyfunc (see `model/serving.py`) registered
 
 The champion alias moves only when the new version beats the current champion on `champion_metric` (lower is better
 for all of them), so a nightly retrain that regressed is registered, and comparable in the UI, but serves nobody.
+The champion's figure is not its stored one: it is scored now on this run's validation text (`tasks/lineage/gate.py`),
+and both figures, the margin and the decision are written on the new version, with its parent (`train.init_from`).
 A NaN metric never wins. The alias is re-read just before it moves, so it never replaces a champion other than the
 one compared against. The default store is SQLite plus local artifacts under `<artifacts_dir>/mlflow`.
 

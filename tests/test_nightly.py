@@ -73,3 +73,25 @@ def test_a_new_file_retrains_from_the_champion_and_an_unchanged_folder_trains_no
     # the same figure of the champion as stored would be a different exam: the validation text grew
     assert champion != client.get_run(v1.run_id).data.metrics["val_bpb"]
     assert "models:/scriptorium-quickstart/1" in v2.description and gate["margin"] in v2.description
+
+
+def test_acquire_key_changes_when_a_file_is_added_or_changed_in_the_folder_and_only_then(tmp_path):
+    import os
+
+    from pipeline_config.schema import AcquireConfig, SourceConfig
+    from tasks.acquire import STAGE
+
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    (folder / "a.txt").write_text("one story.\n\nanother story.\n", encoding="utf-8")
+    (folder / "notes.md").write_text("not a source format, ignored\n", encoding="utf-8")
+    cfg = AcquireConfig(sources=[SourceConfig(path=str(folder))])
+    first = STAGE.key(cfg, {})
+    (folder / "notes.md").write_text("edited, still ignored\n", encoding="utf-8")
+    assert STAGE.key(cfg, {}) == first  # nothing acquire reads changed
+    (folder / "b.txt").write_text("a new story.\n", encoding="utf-8")
+    added = STAGE.key(cfg, {})
+    assert added != first
+    (folder / "b.txt").write_text("a new story, longer.\n", encoding="utf-8")
+    os.utime(folder / "b.txt", ns=(1, 1))
+    assert STAGE.key(cfg, {}) not in (first, added)
