@@ -21,8 +21,9 @@ from typing import Any
 
 from pipeline_config.schema import TrainConfig
 from tasks.corpus.reader import split_tokens
-from tasks.lineage.registry import parent_identity
-from tasks.stage import Artifact, Stage, atomic_path, describe_files, prefect_task, write_json
+from tasks.lineage.registry import parent_identity, train_input
+from tasks.stage import Artifact, Stage, atomic_path, describe_files, key_upstream, prefect_task, write_atomic, \
+    write_json
 from tasks.training.checkpoints import WEIGHTS
 from tasks.training.init import starting_point
 from tasks.training.loop import METRICS, RESUMABLE_KNOBS, TrainingDiverged, model_config, train  # noqa: F401
@@ -37,7 +38,10 @@ def train_stage(cfg: TrainConfig, out_dir: Path, log: logging.Logger, *, tokeniz
     from model.lora import merge_lora
 
     vocab_size = shard.manifest["vocab_size"]
-    start = starting_point(cfg, model_config(cfg, vocab_size), tokenizer, out_dir, log)
+    this_input = train_input(cfg.model_dump(mode="json"), key_upstream({"tokenizer": tokenizer, "shard": shard}))
+    start = starting_point(cfg, model_config(cfg, vocab_size), tokenizer, out_dir, log, this_input)
+    if start.reuse is not None:
+        return _reused(start, out_dir)
     summary, model = train(cfg, split_tokens(shard, "train"), split_tokens(shard, "val"), vocab_size, out_dir, log,
                            init=start.init)
     summary["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -49,6 +53,17 @@ def train_stage(cfg: TrainConfig, out_dir: Path, log: logging.Logger, *, tokeniz
         save_model(model, str(weights))
     write_json(out_dir / MODEL_CONFIG, summary["model_config"])
     return {**summary, **start.record(), "files": describe_files(out_dir, [WEIGHTS, MODEL_CONFIG])}
+
+
+def _reused(start: Any, out_dir: Path) -> dict[str, Any]:
+    """The parent's weights and model config as this stage's output (the parent already is this run's result)."""
+    import json
+
+    for source, name in ((start.reuse.weights, WEIGHTS), (start.reuse.model_config, MODEL_CONFIG)):
+        write_atomic(out_dir / name, Path(source).read_bytes())
+    model_cfg = json.loads((out_dir / MODEL_CONFIG).read_text(encoding="utf-8"))
+    return {"model_config": model_cfg, "reused": start.parent.identity(), **start.record(),
+            "files": describe_files(out_dir, [WEIGHTS, MODEL_CONFIG])}
 
 
 def resolved_parent(cfg: TrainConfig) -> dict[str, Any] | None:

@@ -74,6 +74,13 @@ def test_a_new_file_retrains_from_the_champion_and_an_unchanged_folder_trains_no
     assert champion != client.get_run(v1.run_id).data.metrics["val_bpb"]
     assert "models:/scriptorium-quickstart/1" in v2.description and gate["margin"] in v2.description
 
+    # the next night, nothing new: whichever version is champion now, nothing is trained again or registered (a
+    # promoted v2 was trained from this very config and these shards: its weights are the train stage's output)
+    fourth = build_model(preset="quickstart", overrides=nightly)
+    assert fourth["stages"]["acquire"] == fourth["stages"]["shard"] == "Cached"
+    assert fourth["stages"]["evaluate"] == fourth["stages"]["register"] == "Cached"
+    assert fourth["registered"]["version"] == "2"
+
 
 def test_acquire_key_changes_when_a_file_is_added_or_changed_in_the_folder_and_only_then(tmp_path):
     import os

@@ -131,7 +131,8 @@ def record_gate(client: Any, cfg: Any, version: str, ours: float, held: str | No
 
 def record_lineage(client: Any, cfg: Any, version: str, upstream: dict[str, Artifact | None]) -> dict[str, str] | None:
     """The parent (name, version, run) and the digests a later run resolves this version by, as tags."""
-    from tasks.lineage.registry import PARENT_RUN_TAG, PARENT_TAG, TOKENIZER_TAG, WEIGHTS_TAG
+    from tasks.lineage.registry import PARENT_RUN_TAG, PARENT_TAG, TOKENIZER_TAG, TRAIN_INPUT_TAG, WEIGHTS_TAG, \
+        train_input
     from tasks.training.checkpoints import WEIGHTS
 
     train = upstream["train"].manifest
@@ -142,6 +143,7 @@ def record_lineage(client: Any, cfg: Any, version: str, upstream: dict[str, Arti
         TOKENIZER_TAG: tokenizer_digest(upstream["tokenizer"].path),
         PARENT_TAG: f"{parent['name']}/{parent['version']}" if parent else "",
         PARENT_RUN_TAG: parent["run_id"] if parent else "",
+        TRAIN_INPUT_TAG: train_input(train.get("config", {}), train.get("upstream", {})),
         "scriptorium.lora": f"rank {lora['rank']}, alpha {lora['alpha']:g}, {', '.join(lora['targets'])}" if lora else "",
     }
     for key, value in tags.items():

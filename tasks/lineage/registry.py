@@ -27,6 +27,7 @@ WEIGHTS_TAG = "scriptorium.weights_sha256"  # on the version: sha256 of model.sa
 TOKENIZER_TAG = "scriptorium.tokenizer_sha256"  # on the version: sha256 of tokenizer.model / vocab.json
 PARENT_TAG = "scriptorium.parent"  # on the version: "NAME/VERSION" it was trained from ("" for scratch)
 PARENT_RUN_TAG = "scriptorium.parent_run_id"
+TRAIN_INPUT_TAG = "scriptorium.train_input"  # on the version: digest of the train config and shards it was trained on
 TOKENIZER_FILES = ("tokenizer.model", "vocab.json")  # SentencePiece, character-level (model/tokenizer.py)
 
 
@@ -44,6 +45,7 @@ class Parent:
     weights_sha256: str
     tokenizer_sha256: str
     tracking_uri: str
+    train_input: str = ""  # what it was trained from (config + upstream digests); "" when unknown
 
     @property
     def uri(self) -> str:
@@ -51,7 +53,7 @@ class Parent:
 
     def identity(self) -> dict[str, str]:
         """What cache keys hash: everything but where the store lives (a moved artifacts directory keeps its cache)."""
-        return {k: v for k, v in asdict(self).items() if k != "tracking_uri"}
+        return {k: v for k, v in asdict(self).items() if k not in ("tracking_uri", "train_input")}
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,8 @@ def resolve(ref: RegistryRef | None, spec: str) -> Parent | None:
     weights, tokenizer = found.tags.get(WEIGHTS_TAG), found.tags.get(TOKENIZER_TAG)
     if not (weights and tokenizer):
         weights, tokenizer = _digests_by_download(ref.tracking_uri, found.name, str(found.version), found.run_id)
-    return Parent(found.name, str(found.version), found.run_id, weights, tokenizer, ref.tracking_uri)
+    return Parent(found.name, str(found.version), found.run_id, weights, tokenizer, ref.tracking_uri,
+                  found.tags.get(TRAIN_INPUT_TAG, ""))
 
 
 @functools.lru_cache(maxsize=16)
@@ -187,3 +190,11 @@ def adopt_tokenizer(ref: RegistryRef | None, spec: str | None, out_dir: Path, lo
             write_atomic(Path(out_dir) / name, (source / name).read_bytes())
     log.info("tokenizer: the vocabulary of %s (run %s), not learned", parent.uri, parent.run_id)
     return names
+
+
+def train_input(config: dict[str, Any], upstream: dict[str, Any]) -> str:
+    """What a train artifact was made from: its config slice and its inputs' fingerprints (as its manifest holds
+    them). A champion whose train input is this run's is already what this run would train (see init.py)."""
+    from tasks.stage import json_digest
+
+    return json_digest({"config": config, "upstream": upstream})

@@ -35,6 +35,7 @@ class Start:
 
     parent: Parent | None
     init: Callable[[nn.Module], nn.Module] | None
+    reuse: ParentFiles | None = None  # the parent already is this run's result: its files are the output
 
     def record(self) -> dict[str, object]:
         return {"init_from": self.parent.identity() if self.parent else None}
@@ -77,8 +78,13 @@ def _initializer(cfg: TrainConfig, files: ParentFiles, log: logging.Logger) -> C
 
 
 def starting_point(cfg: TrainConfig, expected: ModelConfig, tokenizer: Artifact | None, out_dir: Path,
-                   log: logging.Logger) -> Start:
-    """Resolve `cfg.init_from`, fetch and check the parent, and return how to initialise the model."""
+                   log: logging.Logger, this_input: str = "") -> Start:
+    """Resolve `cfg.init_from`, fetch and check the parent, and return how to initialise the model.
+
+    A fixed point for nightly runs with `init_from: champion`: when the champion was itself trained from exactly
+    this run's input (`this_input`: the same train config on the same tokenizer and shards), continuing it would
+    only train the same data again, so its files are this stage's output. They are byte for byte the champion's
+    train artifact, so everything downstream is Cached and no new version is registered."""
     if cfg.init_from == "scratch":
         return Start(None, None)
     parent = resolve(cfg.registry, cfg.init_from)
@@ -88,6 +94,10 @@ def starting_point(cfg: TrainConfig, expected: ModelConfig, tokenizer: Artifact 
         return Start(None, None)
     files = fetch(parent, Path(out_dir) / PARENT_DIR, log)
     check_compatible(parent, files, expected, tokenizer_digest(tokenizer.path) if tokenizer else None)
+    if this_input and parent.train_input == this_input:
+        log.info("train: %s was trained from this very configuration and these shards; nothing new to learn, so its "
+                 "weights are this stage's output", parent.uri)
+        return Start(parent, None, reuse=files)
     log.info("train: starting from %s (run %s)%s", parent.uri, parent.run_id,
              " with LoRA adapters" if cfg.lora else "")
     return Start(parent, _initializer(cfg, files, log))
