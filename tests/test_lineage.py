@@ -219,3 +219,21 @@ def test_the_held_out_set_is_fixed_when_documents_are_added(parent):
     before, after = split(texts[:150]), split(texts[:150] + texts[150:300])
     assert any(before.values()) and not all(before.values())
     assert {t: after[t] for t in before} == before
+
+
+def test_a_parent_trained_from_this_very_input_is_the_output_not_trained_again(parent, tmp_path):
+    """The nightly fixed point: a champion whose recorded train input (config and shards) is this run's."""
+    from model import ModelConfig
+    from tasks.lineage.registry import resolve
+    from tasks.training.init import starting_point
+
+    found = resolve(_ref(parent), f"models:/{NAME}/1")
+    assert found.train_input  # register recorded it
+    cfg = _train_config(init_from=f"models:/{NAME}/1", registry=_ref(parent))
+    expected = ModelConfig.model_validate(parent["upstream"]["train"].manifest["model_config"])
+    tokenizer = parent["upstream"]["tokenizer"]
+    same = starting_point(cfg, expected, tokenizer, tmp_path / "a", LOG, found.train_input)
+    assert same.reuse is not None and same.init is None
+    assert same.reuse.weights.read_bytes() == (parent["upstream"]["train"].path / "model.safetensors").read_bytes()
+    other = starting_point(cfg, expected, tokenizer, tmp_path / "b", LOG, "another input")
+    assert other.reuse is None and other.init is not None

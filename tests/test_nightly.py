@@ -80,6 +80,12 @@ def test_a_new_file_retrains_from_the_champion_and_an_unchanged_folder_trains_no
     assert fourth["stages"]["acquire"] == fourth["stages"]["shard"] == "Cached"
     assert fourth["stages"]["evaluate"] == fourth["stages"]["register"] == "Cached"
     assert fourth["registered"]["version"] == "2"
+    reused = [load_artifact(p, "train").manifest.get("reused") for p in (tmp_path / "artifacts" / "train").iterdir()]
+    if third["registered"]["champion"]:  # v2 is champion: train ran and handed on v2's own weights
+        assert fourth["stages"]["train"] == "Completed"
+        assert [r["version"] for r in reused if r] == ["2"]
+    else:  # v1 is still champion: the same key as the third night's
+        assert fourth["stages"]["train"] == "Cached" and not any(reused)
 
 
 def test_acquire_key_changes_when_a_file_is_added_or_changed_in_the_folder_and_only_then(tmp_path):

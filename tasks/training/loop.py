@@ -221,7 +221,7 @@ def train(
             "train: %s, %.2fM parameters (%.2fM non-embedding), device %s, %s, %s",
             s.mcfg.arch, s.model.num_params(non_embedding=False) / 1e6, s.model.num_params() / 1e6, s.device,
             "bf16 autocast" if s.dtype else "fp32", f"resuming at step {s.start}" if s.start else
-            "from the initial weights" if init else "from scratch",
+            "from its parent's weights" if init else "from scratch",
         )
         _drop_rows_after(out_dir / METRICS, s.start)
     windows = _windows(tokens, "train", s.mcfg.block_size, cfg.seed), _windows(val_tokens, "val", s.mcfg.block_size,
