@@ -61,14 +61,14 @@ def _pipeline(root: Path, records: list[str], train_cfg, upstream: dict | None =
     return a
 
 
-def _register(root: Path, upstream: dict, store: Path) -> dict:
+def _register(store: Path, upstream: dict, name: str) -> dict:
+    """Register into the default store of an artifacts root `store` (SQLite and artifacts under store/mlflow)."""
     from pipeline_config.schema import RegisterConfig
     from tasks.register import register
 
-    out = root / "register" / "x"
+    out = store / "register" / name
     out.mkdir(parents=True, exist_ok=True)
-    cfg = RegisterConfig(tracking_uri=f"sqlite:///{store}", model_name=NAME)
-    return register(cfg, out, LOG, synthesize=None, **upstream)
+    return register(RegisterConfig(model_name=NAME), out, LOG, synthesize=None, **upstream)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def parent(tmp_path_factory):
     root = tmp_path_factory.mktemp("lineage") / "v1"
     stories = SAMPLE.read_text(encoding="utf-8").splitlines()
     upstream = _pipeline(root, stories[:150], _train_config())
-    registered = _register(root, upstream, root.parent / "mlflow.db")
+    registered = _register(root.parent, upstream, "v1")
     assert registered["version"] == "1" and registered["champion"] is True
     return {"root": root, "upstream": upstream, "registered": registered, "stories": stories}
 
@@ -190,8 +190,7 @@ def test_a_version_trained_from_the_champion_records_its_parent_and_the_gate(par
     up = parent["upstream"]
     child = _pipeline(tmp_path / "v2", [], _train_config(init_from="champion", registry=_ref(parent), max_steps=6),
                       upstream={k: up[k] for k in ("acquire", "tokenizer", "shard")})
-    store = Path(parent["registered"]["tracking_uri"].removeprefix("sqlite:///"))
-    registered = _register(tmp_path / "v2", child, store)
+    registered = _register(parent["root"].parent, child, "v2")
     v1_run = parent["registered"]["run_id"]
     assert registered["parent"] == {"name": NAME, "version": "1", "run_id": v1_run}
     version = MlflowClient(registered["tracking_uri"]).get_model_version(NAME, registered["version"])
