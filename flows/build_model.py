@@ -40,7 +40,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     stories = run(synthesize_task, cfg.synthesize) if cfg.synthesize.n else None
     vocabulary = run(tokenizer_task, cfg.tokenizer, acquire=acquired, synthesize=stories)
     shards = run(shard_task, cfg.shard, acquire=acquired, synthesize=stories, tokenizer=vocabulary)
-    model = run(train_task, cfg.train, shard=shards)
+    model = run(train_task, cfg.train, tokenizer=vocabulary, shard=shards)
     evaluation = run(evaluate_task, cfg.evaluate, tokenizer=vocabulary, shard=shards, train=model)
     exported = run(export_task, cfg.export, tokenizer=vocabulary, train=model)
     registered = run(

@@ -100,6 +100,20 @@ class AcquireConfig(Section):
                              "bytes; a row group is one unit of the shard stage's mapped work")
 
 
+# `init_from` / `tokenizer.from_model`: a registered model of the pipeline's MLflow store (see tasks/lineage/).
+MODEL_REF = r"^(champion|models:/[^/@\s]+(/[0-9]+|@[A-Za-z0-9_-]+))$"
+
+
+class RegistryRef(Section):
+    """The MLflow store and model `init_from: champion` (and `tokenizer.from_model`) read. The pipeline fills it in
+    from `register` and `artifacts_dir`; set it only to run a stage on its own (torchrun). Not in any cache key: the
+    *resolved* version and its weights' digest are."""
+
+    tracking_uri: str
+    model_name: str
+    alias: str = "champion"
+
+
 def _check_byte_room(kind: str, byte_fallback: bool, vocab_size: int) -> None:
     if kind == "sentencepiece" and byte_fallback and vocab_size <= BYTE_FALLBACK_PIECES:
         raise ValueError(
@@ -145,6 +159,11 @@ class TokenizerConfig(Section):
                                      "bytes to this power: 1 proportional, 0 equal shares (capped at what it has)")
     fertility_bytes: int = Field(2_000_000, gt=0, description="per language, the sample the fertility report encodes")
     num_threads: int = Field(2, ge=1)
+    from_model: str | None = Field(
+        None, pattern=MODEL_REF, description="champion, models:/NAME/VERSION or models:/NAME@ALIAS: take that "
+        "registered model's vocabulary instead of learning one (what train.init_from needs once the data changed); "
+        "while there is no champion yet, one is learned")
+    registry: RegistryRef | None = Field(None, exclude=True, description="filled in by the pipeline")
 
     @model_validator(mode="after")
     def _room_for_bytes(self) -> "TokenizerConfig":
@@ -197,6 +216,18 @@ class ShardConfig(Section):
     runner: RunnerConfig = Field(default_factory=RunnerConfig, exclude=True)
 
 
+class LoraConfig(Section):
+    """LoRA adapters: only these low-rank updates train, the parent's weights stay frozen; merged after training."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    targets: list[str] = Field(
+        default_factory=lambda: ["c_attn", "c_proj", "c_fc", "wqkv", "wo", "w13", "w2", "in_proj", "out_proj"],
+        min_length=1, description="linear layers to adapt: a layer's name (gpt: c_attn c_proj c_fc; llama: wqkv wo "
+        "w13 w2; mamba2: in_proj out_proj) or a glob over its full name (h.*.attn.c_attn); the output head never")
+
+
 class TrainConfig(Section):
     model: ModelSection = Field(default_factory=ModelSection)
     seed: int = 1337
@@ -226,6 +257,21 @@ class TrainConfig(Section):
     track_emissions: bool = True
     country_iso_code: str = Field("FRA", min_length=3, max_length=3)
     log_interval: int = Field(20, ge=1)
+    init_from: str = Field(
+        "scratch", pattern=MODEL_REF.replace("^(", "^(scratch|", 1),
+        description="scratch, champion (the registered champion of register.model_name; scratch while there is "
+        "none), models:/NAME/VERSION or models:/NAME@ALIAS: start from that model's weights (same model config "
+        "and tokenizer, see tokenizer.from_model)")
+    lora: LoraConfig | None = Field(None, description="train LoRA adapters on the init_from model instead of all "
+                                    "weights (needs init_from); e.g. {rank: 8, alpha: 16}")
+    registry: RegistryRef | None = Field(None, exclude=True, description="filled in by the pipeline")
+
+    @model_validator(mode="after")
+    def _lora_needs_a_parent(self) -> "TrainConfig":
+        if self.lora is not None and self.init_from == "scratch":
+            raise ValueError("train.lora adapts a trained model: set train.init_from (champion or "
+                             "models:/NAME/VERSION), or remove train.lora")
+        return self
 
 
 class EvaluateConfig(Section):
@@ -284,4 +330,17 @@ class PipelineConfig(Section):
     def _has_data(self) -> "PipelineConfig":
         if not self.acquire.sources and self.synthesize.n == 0:
             raise ValueError("no data: give acquire.sources or synthesize.n > 0")
+        return self
+
+    @model_validator(mode="after")
+    def _registry_for_parents(self) -> "PipelineConfig":
+        """`champion` and `models:/...` are looked up in the store `register` writes to."""
+        uri = self.register.tracking_uri or \
+            f"sqlite:///{Path(self.artifacts_dir).resolve() / 'mlflow' / 'mlflow.db'}"
+        ref = RegistryRef(tracking_uri=uri, model_name=self.register.model_name, alias=self.register.champion_alias)
+        for name in ("train", "tokenizer"):
+            section = getattr(self, name)
+            wants = section.init_from != "scratch" if name == "train" else section.from_model is not None
+            if wants and section.registry is None:  # frozen sections: set through object's own setattr
+                object.__setattr__(self, name, section.model_copy(update={"registry": ref}))
         return self

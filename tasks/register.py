@@ -6,6 +6,8 @@ each stage's manifest. The model is a pyfunc (see `model/serving.py`) registered
 
 The champion alias moves only when the new version beats the current champion on `champion_metric` (lower is better
 for all of them), so a nightly retrain that regressed is registered, and comparable in the UI, but serves nobody.
+The champion's figure is not its stored one: it is scored now on this run's validation text (`tasks/lineage/gate.py`),
+and both figures, the margin and the decision are written on the new version, with its parent (`train.init_from`).
 A NaN metric never wins. The alias is re-read just before it moves, so it never replaces a champion other than the
 one compared against. The default store is SQLite plus local artifacts under `<artifacts_dir>/mlflow`.
 
@@ -25,6 +27,7 @@ from typing import Any
 
 from pipeline_config.schema import RegisterConfig
 from tasks.evaluate import ATTENTION_MAP, SAMPLES
+from tasks.lineage.gate import GATE_TAG, champion_figure, record_gate, record_lineage
 from tasks.stage import REPO_ROOT, Artifact, PipelineError, Stage, json_digest, key_upstream, prefect_task, \
     read_jsonl, write_json
 from tasks.tokenizer import COMPARISON_CHART
@@ -211,7 +214,9 @@ def register(cfg: RegisterConfig, out_dir: Path, log: logging.Logger, *, acquire
     if client.get_run(run_id).info.status != "FINISHED":  # a run killed after its model version was created
         client.set_terminated(run_id, "FINISHED")
     metrics = summary_metrics(upstream)
-    promoted, previous = _maybe_promote(client, cfg, version, metrics)
+    lineage = record_lineage(client, cfg, version, upstream)
+    promoted, previous = _maybe_promote(client, cfg, version, metrics, lambda current: champion_figure(
+        client, cfg, uri, current, upstream, log))
     result = {
         "tracking_uri": uri,
         "experiment_id": experiment_id,
@@ -222,6 +227,8 @@ def register(cfg: RegisterConfig, out_dir: Path, log: logging.Logger, *, acquire
         "champion": promoted,
         "previous_champion": previous,
         "metric": {cfg.champion_metric: metrics[cfg.champion_metric]},
+        "parent": lineage,
+        "gate": client.get_model_version(cfg.model_name, version).tags.get(GATE_TAG + ".decision"),
     }
     write_json(out_dir / REGISTERED, result)
     log.info(
@@ -265,16 +272,20 @@ def beats(ours: float, theirs: float | None) -> bool:
     return math.isfinite(ours) and (theirs is None or not math.isfinite(theirs) or ours < theirs)
 
 
-def _maybe_promote(client: Any, cfg: RegisterConfig, version: str, metrics: dict[str, float]) -> tuple[bool, str | None]:
+def _maybe_promote(client: Any, cfg: RegisterConfig, version: str, metrics: dict[str, float],
+                   champion_figure: Any) -> tuple[bool, str | None]:
     """Move the champion alias to `version` if it beats the champion, and only away from that champion: the alias
-    is re-read just before it moves, and compared again if another run moved it in between."""
+    is re-read just before it moves, and compared again if another run moved it in between. `champion_figure`
+    scores a champion version on this run's validation text (tasks/lineage/gate.py); the comparison is recorded."""
     ours = float(metrics.get(cfg.champion_metric, math.nan))
     for _ in range(5):
         current = _champion(client, cfg)
         held = str(current.version) if current is not None else None
         if held == version:  # a re-run after the alias already moved
             return True, client.get_model_version(cfg.model_name, version).tags.get(PREVIOUS_TAG) or None
-        theirs = client.get_run(current.run_id).data.metrics.get(cfg.champion_metric) if current else None
+        figure = champion_figure(current) if current else None
+        theirs = figure["value"] if figure else None
+        record_gate(client, cfg, version, ours, held, figure, beats(ours, theirs))
         if not beats(ours, theirs):
             client.set_model_version_tag(cfg.model_name, version, "champion_check",
                                          f"lost to v{held}" if held else f"{cfg.champion_metric} is {ours}")

@@ -34,6 +34,7 @@ from model.tokenizer import BOS, EOS, SPECIALS, UNK, WordTokenizer, load_tokeniz
 from pipeline_config.schema import TokenizerConfig
 from tasks.corpus.reader import Corpus
 from tasks.corpus.sampling import FERTILITY_SAMPLE, TOKENIZER_SAMPLE, in_sample, language_quotas
+from tasks.lineage.registry import adopt_tokenizer, parent_identity
 from tasks.stage import Artifact, Stage, describe_files, prefect_task, write_atomic, write_json
 from tasks.tokenization.comparison import comparison_chart, comparison_rows
 
@@ -193,7 +194,9 @@ def build_tokenizer(cfg: TokenizerConfig, corpus: Corpus | list[dict[str, str]],
     train_sample, fertility_sample = draw_samples(cfg, corpus)
     kinds = {run.kind, *(c.kind for c in cfg.candidates)}
     characters = char_vocabulary(corpus)[len(SPECIALS):] if kinds & {"char", "word"} else []
-    files = [train_vocabulary(run, train_sample, characters, out_dir)]
+    files = adopt_tokenizer(cfg.registry, cfg.from_model, out_dir, log)  # tokenizer.from_model: a registered one's
+    if not files:
+        files = [train_vocabulary(run, train_sample, characters, out_dir)]
     tokenizer = load_tokenizer(out_dir)
     report = fertility_report(tokenizer, fertility_sample, cfg.num_threads)
     write_json(out_dir / REPORT, report)
@@ -219,5 +222,10 @@ def tokenizer(cfg: TokenizerConfig, out_dir: Path, log: logging.Logger, *,
     return build_tokenizer(cfg, Corpus.of(acquire, synthesize), out_dir, log)
 
 
-STAGE = Stage(name="tokenizer", run=tokenizer, inputs=("acquire", "synthesize"))
+def registered_vocabulary(cfg: TokenizerConfig) -> dict[str, Any] | None:
+    """The cache key's view of `from_model`: the resolved version and its digests (None when learning)."""
+    return parent_identity(cfg.registry, cfg.from_model)
+
+
+STAGE = Stage(name="tokenizer", run=tokenizer, inputs=("acquire", "synthesize"), external=registered_vocabulary)
 tokenizer_task = prefect_task(STAGE)

@@ -5,6 +5,11 @@ the stage: read the shards, train (resuming from the checkpoints in its own dire
 Under `torchrun` the same function runs on every rank (see `tasks/training/distributed.py`):
 
     torchrun --nproc_per_node N -m tasks.train CONFIG.json SHARD_DIR OUT_DIR
+
+`train.init_from` starts from a registered model's weights instead of random ones (`tasks/training/init.py`), and
+`train.lora` trains adapters on them; the artifact is plain merged weights either way. The stage's cache key follows
+the *resolved* parent (its version and weights digest, `tasks/lineage/registry.py`), not the word `champion`, so a
+run after the champion moved trains again.
 """
 from __future__ import annotations
 
@@ -16,30 +21,59 @@ from typing import Any
 
 from pipeline_config.schema import TrainConfig
 from tasks.corpus.reader import split_tokens
-from tasks.stage import Artifact, Stage, atomic_path, describe_files, prefect_task, write_json
+from tasks.lineage.registry import parent_identity, train_input
+from tasks.stage import Artifact, Stage, atomic_path, describe_files, key_upstream, prefect_task, write_atomic, \
+    write_json
 from tasks.training.checkpoints import WEIGHTS
-from tasks.training.loop import METRICS, RESUMABLE_KNOBS, TrainingDiverged, train  # noqa: F401  (callers import these)
-from tasks.training.loop import PROFILE
+from tasks.training.init import starting_point
+from tasks.training.loop import METRICS, PROFILE, RESUMABLE_KNOBS, TrainingDiverged, model_config, train  # noqa: F401
 
 MODEL_CONFIG = "model_config.json"
 
 
-def train_stage(cfg: TrainConfig, out_dir: Path, log: logging.Logger, *, shard: Artifact) -> dict[str, Any]:
+def train_stage(cfg: TrainConfig, out_dir: Path, log: logging.Logger, *, tokenizer: Artifact | None = None,
+                shard: Artifact) -> dict[str, Any]:
     from safetensors.torch import save_model
 
-    summary, model = train(
-        cfg, split_tokens(shard, "train"), split_tokens(shard, "val"), shard.manifest["vocab_size"], out_dir, log
-    )
+    from model.lora import merge_lora
+
+    vocab_size = shard.manifest["vocab_size"]
+    this_input = train_input(cfg.model_dump(mode="json"), key_upstream({"tokenizer": tokenizer, "shard": shard}))
+    start = starting_point(cfg, model_config(cfg, vocab_size), tokenizer, out_dir, log, this_input)
+    if start.reuse is not None:
+        return _reused(start, out_dir)
+    summary, model = train(cfg, split_tokens(shard, "train"), split_tokens(shard, "val"), vocab_size, out_dir, log,
+                           init=start.init)
+    summary["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if cfg.lora is not None:
+        model = merge_lora(model)  # plain weights, the same keys as any model: evaluate/export/register unchanged
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes the artifact
         return summary
     with atomic_path(out_dir / WEIGHTS) as weights:
         save_model(model, str(weights))
     write_json(out_dir / MODEL_CONFIG, summary["model_config"])
-    return {**summary, "files": describe_files(out_dir, [WEIGHTS, MODEL_CONFIG, PROFILE])}
+    return {**summary, **start.record(), "files": describe_files(out_dir, [WEIGHTS, MODEL_CONFIG, PROFILE])}
+
+
+def _reused(start: Any, out_dir: Path) -> dict[str, Any]:
+    """The parent's weights and model config as this stage's output (the parent already is this run's result)."""
+    import json
+
+    for source, name in ((start.reuse.weights, WEIGHTS), (start.reuse.model_config, MODEL_CONFIG)):
+        write_atomic(out_dir / name, Path(source).read_bytes())
+    model_cfg = json.loads((out_dir / MODEL_CONFIG).read_text(encoding="utf-8"))
+    return {"model_config": model_cfg, "reused": start.parent.identity(), **start.record(),
+            "files": describe_files(out_dir, [WEIGHTS, MODEL_CONFIG])}
+
+
+def resolved_parent(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The cache key's view of `init_from`: the resolved version and its digests (None for scratch)."""
+    return parent_identity(cfg.registry, cfg.init_from)
 
 
 # A re-run with another learning rate or time budget shares the work directory, so it can resume (see the loop).
-STAGE = Stage(name="train", run=train_stage, inputs=("shard",), workdir_ignores=RESUMABLE_KNOBS)
+STAGE = Stage(name="train", run=train_stage, inputs=("tokenizer", "shard"), workdir_ignores=RESUMABLE_KNOBS,
+              external=resolved_parent)
 train_task = prefect_task(STAGE)
 
 if __name__ == "__main__":

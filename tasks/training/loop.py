@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -131,8 +131,11 @@ class Session:
         return self.cfg.batch_size * self.cfg.grad_accum_steps * self.world * self.mcfg.block_size
 
 
-def _session(cfg: TrainConfig, vocab_size: int, out_dir: Path) -> Session:
-    """Process group, threads, seeds, device and dtype, the model and optimizer, restored from the last checkpoint."""
+def _session(cfg: TrainConfig, vocab_size: int, out_dir: Path, init: Callable[[nn.Module], nn.Module] | None = None
+             ) -> Session:
+    """Process group, threads, seeds, device and dtype, the model and optimizer, restored from the last checkpoint.
+    `init` turns each freshly built model into the starting one (a parent's weights, LoRA; tasks/training/init.py);
+    the optimizer takes the parameters that are left trainable."""
     rank, world = init_distributed()
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -142,14 +145,15 @@ def _session(cfg: TrainConfig, vocab_size: int, out_dir: Path) -> Session:
     torch.manual_seed(cfg.seed + rank)
     device = pick_device(cfg.device)
     mcfg = model_config(cfg, vocab_size)
-    model = build_model(mcfg).to(device)
+    init = init or (lambda built: built)
+    model = init(build_model(mcfg)).to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
     checkpoints = out_dir / CHECKPOINTS
     meta = load_checkpoint(checkpoints, model, optimizer, device) or {}
     if meta and not _may_resume(cfg, meta, checkpoints, rank):
         _start_over(checkpoints, out_dir / METRICS, rank, world)
         torch.manual_seed(cfg.seed + rank)  # the same initial weights as a run that never had a checkpoint
-        model = build_model(mcfg).to(device)
+        model = init(build_model(mcfg)).to(device)
         optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                                device.type)
         meta = {}
@@ -212,16 +216,17 @@ def _append_metrics(path: Path, row: dict[str, Any]) -> None:
 
 def train(
     cfg: TrainConfig, tokens: np.ndarray | ShardTokens, val_tokens: np.ndarray | ShardTokens, vocab_size: int,
-    out_dir: Path, log: logging.Logger,
+    out_dir: Path, log: logging.Logger, init: Callable[[nn.Module], nn.Module] | None = None,
 ) -> tuple[dict[str, Any], nn.Module]:
     """Train to `cfg.max_steps` (resuming from `out_dir/checkpoints`) on a split's shards (or one flat array);
     returns the summary and the model."""
-    s = _session(cfg, vocab_size, out_dir)
+    s = _session(cfg, vocab_size, out_dir, init)
     if s.leader:
         log.info(
             "train: %s, %.2fM parameters (%.2fM non-embedding), device %s, %s, %s",
             s.mcfg.arch, s.model.num_params(non_embedding=False) / 1e6, s.model.num_params() / 1e6, s.device,
-            "bf16 autocast" if s.dtype else "fp32", f"resuming at step {s.start}" if s.start else "from scratch",
+            "bf16 autocast" if s.dtype else "fp32", f"resuming at step {s.start}" if s.start else
+            "from its parent's weights" if init else "from scratch",
         )
         _drop_rows_after(out_dir / METRICS, s.start)
         s.profile = model_profile(s.model, cfg.batch_size, s.tokens_per_step)
