@@ -158,41 +158,53 @@ class ShardTokens:
         """Shard `index` without keeping it (for one pass over the split, e.g. evaluation)."""
         return self._arrays[index] if self._arrays[index] is not None else read_shard(self.paths[index])
 
-    def mapped(self, directory: Path) -> "ShardTokens":
-        """The same split, each shard decompressed once into `directory` as raw tokens and memory-mapped.
+    def windows(self, index: int, starts: np.ndarray, length: int) -> np.ndarray:
+        """Rows of `length` consecutive tokens of shard `index`, one per start."""
+        return self.shard(index)[starts[:, None] + np.arange(length)]
+
+    def spilled(self, directory: Path) -> "ShardTokens":
+        """The same split, each shard decompressed once into `directory` as a raw file that windows are read from.
 
         Random windows over a zstd Parquet shard need the whole shard decompressed; kept in memory that is 2 bytes a
-        token of the whole training set. Mapped from a raw file, the tokens are page cache the kernel can drop, so the
-        process's own memory does not grow with the corpus (nanoGPT trains from a memory-mapped `train.bin` for the
-        same reason). In-memory arrays (a flat array given to training) are kept as they are."""
-        return _MappedShardTokens(self.paths, list(self.sizes), list(self._arrays), Path(directory))
+        token of the whole training set. Read from a raw file with one positioned read per window, the tokens stay
+        in the page cache, which the kernel owns and drops at will, so the process's memory does not grow with the
+        corpus. (Not a memory map: on this kernel a touch maps a whole 2 MB folio into the process, so a mapped
+        training set shows up in its resident size after a few hundred windows.) In-memory arrays are kept as is."""
+        return _SpilledShardTokens(self.paths, list(self.sizes), list(self._arrays), Path(directory))
 
 
-class _MappedShardTokens(ShardTokens):
+class _SpilledShardTokens(ShardTokens):
     def __init__(self, paths: list[Path | None], sizes: list[int], arrays: list[np.ndarray | None], directory: Path):
         super().__init__(paths, sizes, arrays)
-        self.directory = directory
+        self.directory, self._dtypes = directory, {}
+
+    def _file(self, index: int) -> tuple[Path, np.dtype]:
+        raw = self.directory / f"{index:05d}.tokens"
+        if index not in self._dtypes:
+            tokens = read_shard(self.paths[index])
+            tokens.tofile(raw)  # private scratch: complete once recorded in _dtypes, so no rename, no fsync
+            self._dtypes[index] = tokens.dtype
+        return raw, self._dtypes[index]
+
+    def windows(self, index: int, starts: np.ndarray, length: int) -> np.ndarray:
+        if self._arrays[index] is not None:
+            return super().windows(index, starts, length)
+        raw, dtype = self._file(index)
+        rows = np.empty((len(starts), length), dtype=dtype)
+        with open(raw, "rb", buffering=0) as handle:
+            for row, start in zip(rows, starts):
+                handle.seek(int(start) * dtype.itemsize)
+                handle.readinto(memoryview(row).cast("B"))
+        return rows
 
     def shard(self, index: int) -> np.ndarray:
-        if self._arrays[index] is None:
-            raw = self.directory / f"{index:05d}.tokens"
-            if not raw.is_file():  # a partial file never exists under the final name (rename)
-                tokens = read_shard(self.paths[index])
-                scratch = raw.with_suffix(".partial")
-                tokens.tofile(scratch)
-                scratch.rename(raw)
-                dtype = tokens.dtype
-            else:
-                dtype = read_shard_dtype(self.paths[index])
-            self._arrays[index] = np.memmap(raw, dtype=dtype, mode="r", shape=(int(self.sizes[index]),))
-        return self._arrays[index]
+        """The whole shard, read from its raw file and not kept (an evaluation pass reads one at a time)."""
+        if self._arrays[index] is not None:
+            return self._arrays[index]
+        raw, dtype = self._file(index)
+        return np.fromfile(raw, dtype=dtype)
 
-    def read(self, index: int) -> np.ndarray:
-        return self.shard(index)
-
-
-def read_shard_dtype(path: Path) -> np.dtype:
-    return np.dtype(pq.ParquetFile(path).schema_arrow.field(0).type.to_pandas_dtype())
+    read = shard
 
 
 def split_shards(artifact: Artifact, split: str, language: str | None = None) -> list[dict[str, Any]]:

@@ -5,10 +5,10 @@ A window is `block_size + 1` consecutive tokens inside one shard (a window never
 token is as likely to be trained on as with one big array, and with a single shard it is exactly the old draw. The
 batch for a key is a pure function of (seed, key): exact resumption needs nothing but the step number.
 
-Each shard is decompressed once, when first drawn from, into a private temporary directory and memory-mapped
-(`ShardTokens.mapped`): the tokens are page cache the kernel may drop, not process memory, so a 2 GB corpus trains
-in the same resident memory as a small one; nothing is ever copied into one array. The directory goes when the
-windows do.
+Each shard is decompressed once, when first drawn from, into a private temporary directory as a raw file, and each
+window is one positioned read from it (`ShardTokens.spilled`): the tokens are page cache the kernel may drop, not
+process memory, so a 2 GB corpus trains in the same resident memory as a small one; nothing is ever copied into one
+array. The directory goes when the windows do.
 """
 from __future__ import annotations
 
@@ -26,14 +26,13 @@ class Windows:
 
     def __init__(self, tokens: np.ndarray | ShardTokens, block_size: int, seed: int):
         self._scratch = tempfile.TemporaryDirectory(prefix="scriptorium-tokens-")
-        self.tokens = ShardTokens.of(tokens).mapped(Path(self._scratch.name))
+        self.tokens = ShardTokens.of(tokens).spilled(Path(self._scratch.name))
         self.starts = np.maximum(self.tokens.sizes - block_size - 1, 0)  # valid window starts per shard
         if self.starts.sum() == 0:
             raise ValueError(f"only {self.tokens.size} tokens (largest shard {self.tokens.sizes.max(initial=0)}) for "
                              f"a context of {block_size}: lower train.model.block_size or add data")
         self.block_size, self.seed = block_size, seed
         self.before = np.cumsum(self.starts) - self.starts  # starts in the shards before each one
-        self.offsets = np.arange(block_size + 1)
 
     def batch(self, batch_size: int, *key: int, part: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
         """The global batch for `key`; `part=(rank, world)` returns this rank's slice of it."""
@@ -45,6 +44,6 @@ class Windows:
         window = np.empty((picks.size, self.block_size + 1), dtype=np.int64)
         for index in np.unique(shard):
             rows = shard == index
-            window[rows] = self.tokens.shard(int(index))[start[rows, None] + self.offsets]
+            window[rows] = self.tokens.windows(int(index), start[rows], self.block_size + 1)
         window = torch.from_numpy(window)
         return window[:, :-1], window[:, 1:]
