@@ -33,6 +33,7 @@ from tasks.training.data import Windows  # noqa: F401  (windows per shard; impor
 from tasks.training.devices import autocast, autocast_dtype, pick_device
 from tasks.training.distributed import agreed_elapsed, init_distributed
 from tasks.training.emissions import emissions_tracker
+from tasks.training.muon import build_optimizer
 
 METRICS = "metrics.jsonl"
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # first element of every window key: training and evaluation never share draws
@@ -142,15 +143,14 @@ def _session(cfg: TrainConfig, vocab_size: int, out_dir: Path) -> Session:
     device = pick_device(cfg.device)
     mcfg = model_config(cfg, vocab_size)
     model = build_model(mcfg).to(device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+    optimizer = build_optimizer(model, cfg, device.type)
     checkpoints = out_dir / CHECKPOINTS
     meta = load_checkpoint(checkpoints, model, optimizer, device) or {}
     if meta and not _may_resume(cfg, meta, checkpoints, rank):
         _start_over(checkpoints, out_dir / METRICS, rank, world)
         torch.manual_seed(cfg.seed + rank)  # the same initial weights as a run that never had a checkpoint
         model = build_model(mcfg).to(device)
-        optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                               device.type)
+        optimizer = build_optimizer(model, cfg, device.type)
         meta = {}
     runner: nn.Module = model
     if world > 1:
@@ -256,7 +256,7 @@ def _loop(s: Session, windows: tuple[Windows, Windows], metrics_path: Path, log:
     for step in range(s.start, cfg.max_steps):
         lr = learning_rate(cfg, step, s.elapsed)
         for group in s.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's matrices run at their own peak rate
         if cfg.dropout_final is not None:
             set_dropout(s.model, cfg.model.dropout + (cfg.dropout_final - cfg.model.dropout) * step / cfg.max_steps)
         s.last_loss, s.done = _step(s, windows[0], step), step + 1
