@@ -22,7 +22,10 @@ this model, taken on a 2-core machine under heavy load from other work, so steps
       +scale_embeddings                  1.7043
       learning_rate 6e-3                 1.8238
 
-Batch size and sequence length change the tokens per step, so they are compared at equal time only (the sweep's
+Per-step cost of each change on the full 4x256 model, A/B interleaved in one process (quality_sweep.py --ab 4
+--no-train, under load; the A/A row read 0.89x, so about +-10%): Muon 1.17x, QK-norm 1.03x, ReLU^2 1.07x, untied
+1.09x. Whether the equal-steps gains survive equal time is what `quality_sweep.py --minutes 10` on an idle machine
+decides; its table is the figure of record. Batch size and sequence length change the tokens per step, so they are compared at equal time only (the sweep's
 batch8/batch32/block128/block512 rows, for an idle machine). `--reference` trains the in-repo
 GPT (nanoGPT's model.py layout: learned positions, GELU, tied embeddings, AdamW, fp32) instead, for the comparison
 row against a nanoGPT-style model on the same data and budget.
