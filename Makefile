@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m flows --preset $(PRESET) $(foreach kv,$(SET),--set $(kv))
+	$(PY) -m flows --server --preset $(PRESET) $(foreach kv,$(SET),--set $(kv))
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -1,7 +1,7 @@
 """Benchmark: story generation tokens/s, single stream vs the batched llama.cpp backend, in one run.
 
-    python benchmarks/synthesize.py [--stories 3*parallel] [--single-stories 32] [--max-tokens 200] [--parallel 64]
-                                    [--threads N] [--requantize f32|q8_0|q4_0|f16|none] [--with-parallel-1]
+    python benchmarks/synthesize.py [--stories 3*parallel] [--single-stories 32] [--max-tokens 200] [--parallel auto]
+                                    [--threads N] [--requantize auto|f32|q8_0|q4_0|f16|none] [--with-parallel-1]
 
 The sides write stories from the same recipe prompts with the same sampling settings and thread count:
 - batched: `LlamaCppBackend` with `--parallel` stories decoded together, one `llama_decode` per step, over one job
@@ -16,7 +16,9 @@ The machine is shared, so the sides take turns and see the same load: the batche
 still between turns, and after each `parallel` stories it completes, the other sides catch up to the same share of
 their own stories. Only time spent inside a side counts for it. The defaults are the stage's (recipe, sampling,
 max_tokens, parallel, weights); the default run takes about 4 minutes on 2 cores.
-The last line is `speedup: <batched tokens/s / single-stream tokens/s>`.
+With `auto` (the stage's default) the weight type and width are this machine's pick (tasks/synthesis/tuning.py:
+read from its cache, or measured first, which is printed). The first line names the CPU and its SIMD flags.
+The last line is `speedup: <batched tokens/s / single-stream tokens/s>` (the goal: 3 or more).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from pipeline_config.synthesize import SynthesizeConfig  # noqa: E402
 from tasks.synthesis.backend import StoryRequest, default_threads  # noqa: E402
 from tasks.synthesis.llamacpp import LlamaCppBackend  # noqa: E402
 from tasks.synthesis.recipes import derive_seed, load_recipe, story_prompt  # noqa: E402
+from tasks.synthesis.tuning import cpu_flags_line, resolve  # noqa: E402
 
 
 def requests(cfg: SynthesizeConfig, indices) -> list[StoryRequest]:
@@ -91,19 +94,28 @@ def main() -> None:
     parser.add_argument("--stories", type=int, default=None, help="stories in the batched job (3 x parallel)")
     parser.add_argument("--single-stories", type=int, default=32, help="stories written one at a time")
     parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
-    parser.add_argument("--parallel", type=int, default=defaults.parallel)
+    parser.add_argument("--parallel", default=defaults.parallel, help="sequences per batch, or auto")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: the backend's default)")
     parser.add_argument("--requantize", default=defaults.requantize or "none",
                         help="the backend's weight conversion (f32, q8_0, q4_0, f16, none)")
     parser.add_argument("--with-parallel-1", action="store_true", help="also time the backend at parallel=1")
     args = parser.parse_args()
-    args.stories = args.stories or 3 * args.parallel
 
     import llama_cpp
 
+    print(cpu_flags_line(), flush=True)
     threads = args.threads or default_threads()
-    cfg = SynthesizeConfig(n=args.stories, max_tokens=args.max_tokens, parallel=args.parallel, n_threads=threads,
+    cfg = SynthesizeConfig(n=args.stories or 192, max_tokens=args.max_tokens, n_threads=threads,
+                           parallel=args.parallel if args.parallel == "auto" else int(args.parallel),
                            requantize=None if args.requantize == "none" else args.requantize)
+    if "auto" in (cfg.requantize, cfg.parallel):
+        started = time.perf_counter()
+        cfg = resolve(cfg)
+        print(f"auto: requantize {cfg.requantize}, parallel {cfg.parallel} ({time.perf_counter() - started:.1f} s "
+              "to read or measure the pick)", flush=True)
+    args.parallel = cfg.parallel
+    args.stories = args.stories or 3 * args.parallel
+    cfg = cfg.model_copy(update={"n": args.stories})
     batched = LlamaCppBackend(cfg)
     one = LlamaCppBackend(cfg.model_copy(update={"parallel": 1})) if args.with_parallel_1 else None
     llm = llama_cpp.Llama(model_path=str(batched.model_path), n_ctx=cfg.n_ctx, n_threads=threads,

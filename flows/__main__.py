@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="override one knob, e.g. --set train.max_steps=300 (repeatable)")
     parser.add_argument("--no-wait", action="store_true",
                         help="fail at once if another run holds the artifacts directory, instead of waiting for it")
+    parser.add_argument("--server", action="store_true",
+                        help="record the run in a local Prefect API kept running in .prefect/ (started detached on "
+                        "first use; flows/local_api.py) instead of a temporary one started for this run")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.preset, args.overrides)
@@ -31,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    if args.server and not os.environ.get("PREFECT_API_URL"):  # before Prefect is imported: it reads the setting once
+        from flows.local_api import ensure_local_api
+
+        url = ensure_local_api(Path(__file__).resolve().parent.parent / ".prefect")
+        if url:
+            os.environ["PREFECT_API_URL"] = url
     from tasks.stage import PipelineError, hold_artifacts, redact
 
     try:

@@ -38,6 +38,12 @@ class ModelSection(BaseModel):
     pos_encoding: Literal["learned", "sinusoidal"] = Field("learned", description="gpt only; llama uses RoPE")
     tie_weights: bool = Field(True, description="share the token embedding with the output projection")
     rope_theta: float = Field(10000.0, gt=0)
+    # Speed-run options (modded-nanogpt and its kin); llama only, and off by default. None of them has a stock
+    # transformers/llama.cpp equivalent, so the export stage refuses a model that uses one rather than drop it.
+    qk_norm: bool = Field(False, description="llama: RMS-normalise each head's queries and keys (no gain) before RoPE")
+    mlp: Literal["default", "relu2"] = Field(
+        "default", description="default: SwiGLU (llama) / GELU (gpt); relu2: w2(relu(x w1)^2), hidden 4*n_embd (llama)")
+    scale_embeddings: bool = Field(False, description="llama: multiply token embeddings by sqrt(n_embd)")
     norm_eps: float = Field(1e-5, gt=0)
     # Mamba-2 (SSM) fields
     d_state: int = Field(64, ge=1, description="mamba2: SSM state size N per head")
@@ -58,7 +64,7 @@ class ModelSection(BaseModel):
     def mlp_hidden(self) -> int:
         if self.d_ff is not None:
             return self.d_ff
-        if self.arch == "llama":
+        if self.arch == "llama" and self.mlp == "default":
             return _round_up(int(2 * 4 * self.n_embd / 3), 64)
         return 4 * self.n_embd
 
@@ -79,6 +85,8 @@ class ModelSection(BaseModel):
         if self.arch == "llama" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head dimension; n_embd/n_head = {self.head_dim}: change n_embd or "
                              "n_head")
+        if self.arch != "llama" and (self.qk_norm or self.mlp != "default" or self.scale_embeddings):
+            raise ValueError(f"qk_norm, mlp: relu2 and scale_embeddings are llama options; arch is {self.arch!r}")
         if self.arch == "mamba2" and self.d_inner % self.headdim:
             raise ValueError(f"expand*n_embd ({self.d_inner}) must be divisible by headdim ({self.headdim})")
         return self

@@ -31,6 +31,7 @@ class Attention(nn.Module):
         self.layer = layer  # index into the KV cache
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.dropout = cfg.dropout
+        self.qk_norm = cfg.qk_norm
         kv_dim = self.n_kv_head * self.head_dim
         self.wqkv = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_dim, bias=False)
         self.wo = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
@@ -40,7 +41,10 @@ class Attention(nn.Module):
         H, Hkv = self.n_head, self.n_kv_head
         qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, self.head_dim)
         # q and k heads sit side by side in the projection's output: rotate them in one pass.
-        q, k = apply_rope(qkv[:, :, : H + Hkv], cos, sin).split((H, Hkv), dim=2)
+        qk = qkv[:, :, : H + Hkv]
+        if self.qk_norm:  # bounds the attention logits, which lets a higher learning rate through
+            qk = F.rms_norm(qk, (self.head_dim,))
+        q, k = apply_rope(qk, cos, sin).split((H, Hkv), dim=2)
         v = qkv[:, :, H + Hkv :]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if cache is not None:
@@ -66,13 +70,26 @@ class FeedForward(nn.Module):
         return self.dropout(self.w2(F.silu(gate) * up))
 
 
+class ReluSquared(nn.Module):
+    """w2(relu(x w1)^2) (So et al. 2021, Primer): as good as SwiGLU per step at small scale, with two matrices."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
+        self.w2 = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.relu(self.w1(x)).square()))
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.attention = Attention(cfg, layer)
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = ReluSquared(cfg) if cfg.mlp == "relu2" else FeedForward(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, attn_mask=None, cache=None):
@@ -103,7 +120,10 @@ class Llama(AttentionLM):
     def _hidden(self, idx, attention_mask=None, cache: KVCache | None = None):
         pos, attn_mask = self._positions(idx, attention_mask, cache)
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, D), or (B, T, D) per padded row
-        x = self.drop(self.tok_embeddings(idx))
+        x = self.tok_embeddings(idx)
+        if self.config.scale_embeddings:  # the embedding's scale against the residual branches' (Gemma, T5)
+            x = x * self.config.n_embd ** 0.5
+        x = self.drop(x)
         for layer in self.layers:
             x = layer(x, cos, sin, attn_mask, cache)
         if cache is not None:

@@ -235,7 +235,8 @@ class TrainConfig(Section):
     grad_accum_steps: int = Field(1, ge=1)
     max_steps: int = Field(200, ge=1)
     max_seconds: float | None = Field(
-        None, gt=0, description="also stop when training has run this long (the schedule still spans max_steps)"
+        None, gt=0, description="also stop when training has run this long (seconds, summed over resumptions); the "
+        "cosine decay then follows the fraction of this budget spent, so the run ends on the floor rate"
     )
     learning_rate: float = Field(1e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of the peak rate")
@@ -244,6 +245,13 @@ class TrainConfig(Section):
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="muon: Muon for the blocks' matrices, AdamW (learning_rate) for embeddings, head, norms")
+    muon_learning_rate: float = Field(0.02, gt=0, description="optimizer=muon: peak rate of the Muon matrices (the "
+                                      "schedule scales it like learning_rate)")
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="optimizer=muon: Nesterov momentum of the Muon matrices")
+    muon_weight_decay: float = Field(0.0, ge=0, description="optimizer=muon: decoupled weight decay of the Muon "
+                                     "matrices")
     dropout_final: float | None = Field(None, ge=0, lt=1, description="anneal dropout linearly to this value")
     eval_interval: int = Field(100, ge=1)
     eval_batches: int = Field(8, ge=1)

@@ -6,7 +6,7 @@ offline: the embedded llama.cpp backend with the SmolLM2-135M-Instruct GGUF that
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -96,13 +96,11 @@ class SynthesizeConfig(BaseModel):
     repeat_last_n: int = Field(64, ge=0, description="how many recent tokens the repeat penalty looks at")
 
     # execution (does not change what is generated, only how fast)
-    parallel: int | None = Field(
+    parallel: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] | None = Field(
         None,
-        ge=1,
-        le=64,
-        description="llamacpp: stories decoded together in one batch (default 64; benchmarks/synthesize.py measures "
-        "the gain over single-stream on this machine); ollama: requests in flight (default 4; the server queues what "
-        "it cannot run at once)",
+        description="llamacpp: stories decoded together in one batch (default auto: measured on this machine with "
+        "requantize, see tuning_file; benchmarks/synthesize.py measures the gain over single-stream); ollama: "
+        "requests in flight (default 4; the server queues what it cannot run at once)",
     )
 
     # ollama backend
@@ -128,21 +126,26 @@ class SynthesizeConfig(BaseModel):
         description="llamacpp: CPU threads; None uses every core. Lower it on a shared machine: ggml's spinning "
         "thread barrier collapses when another process takes one of its cores",
     )
-    requantize: Literal["f32", "q8_0", "q4_0", "f16"] | None = Field(
-        "f32",
+    requantize: Literal["auto", "f32", "q8_0", "q4_0", "f16"] | None = Field(
+        "auto",
         description="llamacpp: convert the GGUF's weights to this type when loading (into a temporary file, a second "
         "or two for 135M parameters). SmolLM2 ships as Q4_1, which has no batched matrix kernel on x86. f32 holds its "
         "values exactly; q8_0 holds them almost exactly in a quarter of the memory; q4_0 loses quality. Which is "
-        "fastest depends on the CPU's kernels and the batch width (benchmarks/synthesize.py). null uses the file as "
-        "it is (do that for large models)",
+        "fastest depends on the CPU's kernels and the batch width: auto measures the candidates (with parallel) once "
+        "per machine and keeps the pick in tuning_file (tasks/synthesis/tuning.py). null uses the file as it is (do "
+        "that for large models)",
+    )
+    tuning_file: Path | None = Field(
+        None, exclude=True, description="llamacpp: where the picks of requantize/parallel auto are kept, per machine "
+        "(CPU, flags, threads, llama.cpp version, GGUF); None: ~/.cache/scriptorium/synthesize-tuning.json",
     )
 
     quality: QualityConfig = Field(default_factory=QualityConfig, description="quality-gate thresholds")
 
     @model_validator(mode="after")
     def _backend_parallel(self) -> "SynthesizeConfig":
-        if self.parallel is None:
-            self.parallel = 64 if self.backend == "llamacpp" else 4
+        if self.parallel is None or (self.parallel == "auto" and self.backend != "llamacpp"):
+            self.parallel = "auto" if self.backend == "llamacpp" else 4
         return self
 
     @model_validator(mode="after")

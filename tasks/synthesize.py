@@ -29,6 +29,7 @@ from tasks.stage import Stage, describe_files, prefect_task, write_json
 from tasks.synthesis.backend import Completion, StoryBackend, StoryRequest, SynthesizeError, open_backend
 from tasks.synthesis.journal import Journal
 from tasks.synthesis.llamacpp import default_gguf, gguf_model_name
+from tasks.synthesis.tuning import resolve
 from tasks.synthesis.quality import QualityGate
 from tasks.synthesis.recipes import LoadedRecipe, StoryPrompt, check_languages, derive_seed, load_recipe, story_prompt
 
@@ -172,7 +173,8 @@ class _Writer:
         self.queue.extend(slots)
         started = time.monotonic()
         # no more slots than stories to write: each llama.cpp slot holds n_ctx cells of KV cache, allocated up front
-        backend = open_backend(self.cfg.model_copy(update={"parallel": min(self.cfg.parallel, len(slots))}))
+        cfg = resolve(self.cfg, len(slots))  # requantize/parallel auto: this machine's pick, or a small job's
+        backend = open_backend(cfg.model_copy(update={"parallel": min(cfg.parallel, len(slots))}))
         log.info("synthesize: %s backend ready with %s in %.1f s", backend.name, backend.model,
                  time.monotonic() - started)
         done, last_log, started = 0, time.monotonic(), time.monotonic()

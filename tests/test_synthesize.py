@@ -344,7 +344,7 @@ def test_config_rejects_unknown_keys_and_bad_recipes(tmp_path):
 
 
 def test_parallel_defaults_to_each_backends_own():
-    """64 stories share a llama.cpp batch; an Ollama server gets 4 requests at a time unless told otherwise."""
-    assert SynthesizeConfig().parallel == 64 and SynthesizeConfig(backend="ollama").parallel == 4
+    """llama.cpp measures its batch width on this machine (auto); an Ollama server gets 4 requests at a time."""
+    assert SynthesizeConfig().parallel == "auto" and SynthesizeConfig(backend="ollama").parallel == 4
     assert SynthesizeConfig(backend="ollama", parallel=8).parallel == 8
     assert SynthesizeConfig.model_validate({"backend": "ollama"}).model_dump()["parallel"] == 4

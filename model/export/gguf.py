@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import ExportError
-from .hf import hf_tensors, sentencepiece_file, sentencepiece_proto, special_ids
+from .hf import hf_tensors, refuse_options, sentencepiece_file, sentencepiece_proto, special_ids
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +202,7 @@ def export_gguf(model, tokenizer_dir: Path | str, out_path: Path | str, outtype:
     if outtype not in OUTTYPES:
         raise ExportError(f"outtype={outtype!r}: write f32 or f16 here, then quantize_gguf() it to anything smaller")
     cfg = model.config
+    refuse_options(cfg)
     sp_file = sentencepiece_file(Path(tokenizer_dir))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -127,8 +127,19 @@ def _mamba2_tensors(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def refuse_options(cfg) -> None:
+    """The speed-run options (model/config.py) have no stock equivalent: refuse rather than export a model that
+    computes something else."""
+    used = [name for name, on in (("qk_norm", cfg.qk_norm), ("mlp: relu2", cfg.mlp == "relu2"),
+                                  ("scale_embeddings", cfg.scale_embeddings)) if on]
+    if used:
+        raise ExportError(f"train.model uses {', '.join(used)}, which the stock Llama of transformers and llama.cpp "
+                          "does not compute: train without it to export, or set export.formats: []")
+
+
 def hf_tensors(model) -> dict[str, torch.Tensor]:
     """The model's weights under transformers' names and layout, as contiguous fp32 CPU copies."""
+    refuse_options(model.config)
     tensors = {"llama": _llama_tensors, "gpt": _gpt_tensors, "mamba2": _mamba2_tensors}[model.config.arch](model)
     # Copies: safetensors refuses tensors that share storage (split views, the tied embedding).
     return {name: t.detach().to("cpu", torch.float32).contiguous().clone() for name, t in tensors.items()}
@@ -223,6 +234,7 @@ def export_hf(model, tokenizer_dir: Path | str, out_dir: Path | str) -> Path:
     from safetensors.torch import save_file
 
     cfg = model.config
+    refuse_options(cfg)
     sp_file = sentencepiece_file(Path(tokenizer_dir))
     proto, specials = sentencepiece_proto(sp_file), special_ids(sp_file, cfg.vocab_size)  # refuse before writing
     out_dir = Path(out_dir)

@@ -128,9 +128,13 @@ class LlamaCppBackend:
         if not path.is_file():
             raise SynthesizeError(f"GGUF model {path} does not exist: fix synthesize.model_path")
         self.model_path = path
+        self.threads = cfg.n_threads or default_threads()
+        if "auto" in (cfg.requantize, cfg.parallel):  # this machine's measured pick (tasks/synthesis/tuning.py)
+            from tasks.synthesis.tuning import tuned
+
+            self.cfg = cfg = cfg.model_copy(update=tuned(cfg, path, self.threads, stories=cfg.n or None))
         self.model = gguf_model_name(cfg)
         self.parallel = cfg.parallel
-        self.threads = cfg.n_threads or default_threads()
         self.llm = self._load(path)
         self._formatter = self._chat_formatter(path)
         self._ctx = self._new_context()

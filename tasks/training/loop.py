@@ -35,6 +35,7 @@ from tasks.training.data import Windows  # noqa: F401  (windows per shard; impor
 from tasks.training.devices import autocast, autocast_dtype, pick_device
 from tasks.training.distributed import agreed_elapsed, init_distributed
 from tasks.training.emissions import emissions_tracker
+from tasks.training.muon import build_optimizer
 
 METRICS = "metrics.jsonl"
 PROFILE = "profile.json"  # parameters by component, FLOPs per token, memory estimate (model/profile.py)
@@ -72,8 +73,12 @@ def mean_loss(model: nn.Module, windows: Windows, batches: int, batch_size: int,
 
 
 def learning_rate(cfg: TrainConfig, step: int, elapsed: float = 0.0) -> float:
-    """Linear warmup, then cosine decay to `min_lr_ratio` of the peak at `max_steps`, or at `max_seconds` of
-    training (`elapsed`) if that comes first, so a time-budgeted run still ends on a decayed rate."""
+    """Linear warmup over `warmup_steps`, then cosine decay to `min_lr_ratio` of the peak.
+
+    With `max_seconds` the decay is driven by the fraction of the time budget spent (`elapsed`, training seconds
+    summed over resumptions), not by a step count guessed in advance: however fast or loaded the machine, the rate is
+    on its floor when the budget runs out. `max_steps` still counts when it comes first (whichever stop is nearer
+    drives the decay); without a budget the schedule is step-driven only."""
     peak = cfg.learning_rate
     if step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
@@ -147,15 +152,14 @@ def _session(cfg: TrainConfig, vocab_size: int, out_dir: Path, init: Callable[[n
     mcfg = model_config(cfg, vocab_size)
     init = init or (lambda built: built)
     model = init(build_model(mcfg)).to(device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+    optimizer = build_optimizer(model, cfg, device.type)
     checkpoints = out_dir / CHECKPOINTS
     meta = load_checkpoint(checkpoints, model, optimizer, device) or {}
     if meta and not _may_resume(cfg, meta, checkpoints, rank):
         _start_over(checkpoints, out_dir / METRICS, rank, world)
         torch.manual_seed(cfg.seed + rank)  # the same initial weights as a run that never had a checkpoint
         model = init(build_model(mcfg)).to(device)
-        optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                               device.type)
+        optimizer = build_optimizer(model, cfg, device.type)
         meta = {}
     runner: nn.Module = model
     if world > 1:
@@ -165,7 +169,8 @@ def _session(cfg: TrainConfig, vocab_size: int, out_dir: Path, init: Callable[[n
         runner = torch.compile(runner)  # after DDP, so the compiler sees DDP's bucket boundaries
     start = meta.get("step", 0)
     return Session(cfg, rank, world, device, autocast_dtype(cfg.dtype, device), mcfg, model, runner, optimizer,
-                   checkpoints, start, start, meta.get("best_val", math.inf), meta.get("stale", 0))
+                   checkpoints, start, start, meta.get("best_val", math.inf), meta.get("stale", 0),
+                   elapsed=meta.get("elapsed", 0.0))
 
 
 def schedule(cfg: TrainConfig) -> dict[str, Any]:
@@ -258,13 +263,13 @@ def _windows(tokens: np.ndarray | ShardTokens, split: str, block_size: int, seed
 
 def _loop(s: Session, windows: tuple[Windows, Windows], metrics_path: Path, log: logging.Logger) -> None:
     cfg = s.cfg
-    started = time.perf_counter()
-    logged = [s.start, started]  # (step, time) of the last progress line: the rate shown is recent, not average
+    started = time.perf_counter() - s.elapsed  # the budget counts training seconds before a resumption too
+    logged = [s.start, time.perf_counter()]  # (step, time) of the last progress line: the rate shown is recent, not average
     s.model.train()
     for step in range(s.start, cfg.max_steps):
         lr = learning_rate(cfg, step, s.elapsed)
         for group in s.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's matrices run at their own peak rate
         if cfg.dropout_final is not None:
             set_dropout(s.model, cfg.model.dropout + (cfg.dropout_final - cfg.model.dropout) * step / cfg.max_steps)
         s.last_loss, s.done = _step(s, windows[0], step), step + 1
@@ -274,13 +279,16 @@ def _loop(s: Session, windows: tuple[Windows, Windows], metrics_path: Path, log:
         if cfg.max_seconds is not None:
             s.elapsed = agreed_elapsed(started, s.world, s.device)
             s.out_of_time = s.elapsed >= cfg.max_seconds
+        else:
+            s.elapsed = time.perf_counter() - started  # kept in the checkpoint should a budget be set on resume
         s.stopped_early = s.stopped_early or s.out_of_time
         if s.leader:
             _append_metrics(metrics_path, row)
             _log_progress(s, row, logged, log)
             if s.done % cfg.checkpoint_interval == 0 or s.done == cfg.max_steps or s.stopped_early:
                 save_checkpoint(s.checkpoints, s.done, s.model, s.optimizer,
-                                {"best_val": s.best_val, "stale": s.stale, "schedule": schedule(cfg)})
+                                {"best_val": s.best_val, "stale": s.stale, "schedule": schedule(cfg),
+                                 "elapsed": s.elapsed})
                 (s.checkpoints / DIVERGED).unlink(missing_ok=True)  # a checkpoint under the new knobs: resumed
         if s.stopped_early:
             reason = f"{cfg.max_seconds:.0f} s budget spent" if s.out_of_time else \
@@ -345,6 +353,8 @@ def _log_progress(s: Session, row: dict[str, Any], logged: list, log: logging.Lo
     rate = (done - logged[0]) * s.tokens_per_step / max(now - logged[1], 1e-9)
     logged[:] = [done, now]
     eta = (cfg.max_steps - done) * s.tokens_per_step / max(rate, 1e-9)
+    if cfg.max_seconds is not None:
+        eta = min(eta, max(cfg.max_seconds - s.elapsed, 0.0))
     val = f" val~{row['val_loss_estimate']:.4f}" if "val_loss_estimate" in row else ""
     log.info("train: step %d/%d loss %.4f%s lr %.2e %.0f tok/s eta %.0fs", done, cfg.max_steps, row["loss"], val,
              row["lr"], rate, eta)

@@ -1,0 +1,109 @@
+"""A local Prefect API that `make run` starts once and re-uses, so a cached re-run does not wait for a server.
+
+Without `PREFECT_API_URL` every `python -m flows` starts Prefect's temporary API (a uvicorn subprocess that migrates
+its SQLite database, ~5-8 s on 2 cores, and on a busy machine sometimes more than Prefect's 20 s startup limit) and
+stops it at exit. `python -m flows --server` instead talks to a server that outlives the run:
+
+- the API recorded in `.prefect/local-api.json` is used as it is if it answers `/health`;
+- otherwise one is started detached (its own session, so Ctrl-C on a run does not stop it), bound to 127.0.0.1 on a
+  free port, with its database in `.prefect/` (PREFECT_HOME, git-ignored: the same database `make server` shows in
+  its UI), its log in `.prefect/local-api.log`, and recorded in `.prefect/local-api.json`. (A port is not probed
+  for someone else's server: an API that answers there may keep its runs in another database.)
+- if it does not answer within `START_TIMEOUT_S`, the run goes on with the temporary API, as before.
+
+The runs are recorded by Prefect either way. `python -m flows.local_api stop` stops the server this started.
+Only the standard library is imported here: this runs before Prefect is imported, and must cost nothing when the
+server is up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+HOST = "127.0.0.1"
+RECORD = "local-api.json"
+START_TIMEOUT_S = 60.0
+
+
+def healthy(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as reply:  # noqa: S310 (our own 127.0.0.1 URL)
+            return reply.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _start(home: Path) -> tuple[str, int]:
+    """Launch the API detached; returns its URL and pid."""
+    port = _free_port()
+    import prefect  # only when a server has to be started
+
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "local-api.log", "ab")  # noqa: SIM115 (the child keeps the descriptor)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
+         "prefect.server.api.server:create_app", "--host", HOST, "--port", str(port), "--log-level", "error",
+         "--lifespan", "on"],
+        env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd=home,
+    )
+    log.close()
+    return f"http://{HOST}:{port}/api", process.pid
+
+
+def ensure_local_api(home: Path) -> str | None:
+    """The URL of a healthy local API (found or started), or None: use the temporary one."""
+    home.mkdir(parents=True, exist_ok=True)
+    record = home / RECORD
+    try:
+        known = json.loads(record.read_text())["url"]
+    except (OSError, ValueError, KeyError, TypeError):
+        known = None
+    if known and healthy(known):
+        return known
+    url, pid = _start(home)
+    tmp = record.with_name(RECORD + ".tmp")
+    tmp.write_text(json.dumps({"url": url, "pid": pid}))
+    os.replace(tmp, record)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if healthy(url):
+            return url
+        time.sleep(0.2)
+    return None
+
+
+def stop(home: Path) -> bool:
+    """Stop the server recorded in `home` (the one `ensure_local_api` started)."""
+    try:
+        pid = int(json.loads((home / RECORD).read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    try:
+        os.killpg(pid, signal.SIGTERM)  # its own session: uvicorn and nothing else
+    except ProcessLookupError:
+        pass
+    (home / RECORD).unlink(missing_ok=True)
+    return True
+
+
+if __name__ == "__main__":
+    where = Path(sys.argv[2] if len(sys.argv) > 2 else ".prefect").resolve()
+    if sys.argv[1:2] == ["stop"]:
+        print("stopped" if stop(where) else "no local API recorded in " + str(where))
+    else:
+        print(ensure_local_api(where) or "could not start a local API")

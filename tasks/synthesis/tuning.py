@@ -1,0 +1,201 @@
+"""`synthesize.requantize: auto` and `synthesize.parallel: auto`: measure this machine once, keep the pick.
+
+Which weight type and batch width write stories fastest depends on the CPU's kernels (AVX-512 or AVX2 only, bf16
+instructions or not), on the thread count and on llama.cpp's version, so they are measured rather than guessed: a
+short timed decode per candidate, the fastest kept in a JSON file (`synthesize.tuning_file`, by default
+~/.cache/scriptorium/synthesize-tuning.json) under a key made of the CPU model, its flags, the thread count, the
+llama-cpp-python version and the GGUF (name and size). A later load on the same machine reads the pick back at no
+cost. A small job (fewer stories than `MIN_STORIES_TO_TUNE`) with nothing cached does not measure: it takes
+`FALLBACK`, since the measurement would cost more than it saves.
+
+The search is two passes, not the full grid: every weight type at the widest batch, then every width for the winning
+type. A candidate's figure is generated tokens per second over `STEPS` steps with every slot busy, after the prompts
+are in (prompt processing is paid once per story whatever the pick, and the cached prefix makes it small), sampling
+included, since a wider batch also samples more rows per step.
+
+Where a batched step goes (SmolLM2-135M, 64 sequences, f32 weights, 2 threads, AMD EPYC with AVX2 only, measured
+with `profile_steps` while the 2 cores were shared with heavy other work, so as shares, not times): llama_decode is
+99% of a step, numpy sampling 0.6%, filling the batch in Python 0.01%. Taking in the 64 prompts (with the shared
+prefix copied) cost as much as ~45 steps, i.e. under one step per story against the ~200 steps a story generates.
+So the weight type (which matmul kernel runs) and the width (how well the matmuls amortise reading the weights) are
+the knobs that matter; the Python around the step is not worth moving out. (Attention's share inside llama_decode
+was not separated: llama.cpp's perf counters were off.)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from tasks.synthesis.sampling import sample_token
+
+if TYPE_CHECKING:
+    from pipeline_config.synthesize import SynthesizeConfig
+    from tasks.synthesis.llamacpp import LlamaCppBackend
+
+WEIGHT_TYPES = ("f32", "f16", "q8_0", "q4_0")
+WIDTHS = (64, 32, 16)  # the first is the width the weight types are compared at
+FALLBACK = {"requantize": "f32", "parallel": 64}
+MIN_STORIES_TO_TUNE = 32
+STEPS = 12
+DEFAULT_FILE = Path("~/.cache/scriptorium/synthesize-tuning.json")
+
+
+def cpu_identity() -> dict[str, str]:
+    """CPU model and a digest of its feature flags (Linux /proc/cpuinfo; elsewhere what platform knows)."""
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value:
+                model = value.strip()
+            elif key.strip() in ("flags", "Features") and value:
+                flags = " ".join(sorted(value.split()))
+    except OSError:
+        pass
+    return {"cpu": model, "flags": hashlib.sha256(flags.encode()).hexdigest()[:16]}
+
+
+def machine_key(gguf: Path, threads: int) -> str:
+    import llama_cpp
+
+    ident = {**cpu_identity(), "threads": threads, "llama_cpp": llama_cpp.__version__, "gguf": gguf.name,
+             "gguf_bytes": gguf.stat().st_size}
+    return json.dumps(ident, sort_keys=True)
+
+
+def choose(measure: Callable[[str, int], float], types=WEIGHT_TYPES, widths=WIDTHS) -> tuple[dict, dict[str, float]]:
+    """The fastest (requantize, parallel) by `measure(type, width) -> tokens/s`; a candidate that fails to load or
+    run (a quantizer refusing a type, memory) measures as 0. Returns the pick and every figure taken."""
+    figures: dict[str, float] = {}
+
+    def rate(kind: str, width: int) -> float:
+        try:
+            figures[f"{kind}@{width}"] = float(measure(kind, width))
+        except Exception:  # noqa: BLE001 (a candidate that cannot run is simply not picked)
+            figures[f"{kind}@{width}"] = 0.0
+        return figures[f"{kind}@{width}"]
+
+    kind = max(types, key=lambda t: rate(t, widths[0]))
+    width = max(widths, key=lambda w: figures.get(f"{kind}@{w}") or rate(kind, w))
+    if figures[f"{kind}@{width}"] <= 0:
+        return dict(FALLBACK), figures
+    return {"requantize": kind, "parallel": width}, figures
+
+
+def read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def tuned(cfg: "SynthesizeConfig", gguf: Path, threads: int, stories: int | None = None,
+          measure: Callable[[str, int], float] | None = None) -> dict:
+    """The concrete {requantize, parallel} for `cfg` (its own values where they are not "auto"): from the cache, by
+    measuring (and caching), or the fallback for a small job."""
+    from tasks.stage import write_json
+
+    wanted = {k for k in ("requantize", "parallel") if getattr(cfg, k) == "auto"}
+    fixed = {k: getattr(cfg, k) for k in ("requantize", "parallel") if k not in wanted}
+    if not wanted:
+        return fixed
+    path = Path(cfg.tuning_file or DEFAULT_FILE).expanduser()
+    key = machine_key(gguf, threads)
+    cached = read_cache(path).get(key)
+    if isinstance(cached, dict) and {"requantize", "parallel"} <= cached.keys():
+        return {**{k: cached[k] for k in wanted}, **fixed}
+    if stories is not None and stories < MIN_STORIES_TO_TUNE:
+        return {**{k: FALLBACK[k] for k in wanted}, **fixed}
+    types = WEIGHT_TYPES if "requantize" in wanted else (fixed["requantize"],)
+    widths = WIDTHS if "parallel" in wanted else (fixed["parallel"],)
+    pick, figures = choose(measure or (lambda t, w: measure_rate(cfg, t, w, threads)), types, widths)
+    if "requantize" in wanted and "parallel" in wanted:  # only a full search is a machine's answer
+        entries = read_cache(path)
+        entries[key] = {**pick, "tokens_per_s": figures, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, entries)
+    return {**{k: pick[k] for k in wanted}, **fixed}
+
+
+def resolve(cfg: "SynthesizeConfig", stories: int | None = None) -> "SynthesizeConfig":
+    """`cfg` with "auto" replaced by this machine's pick (llamacpp only; an Ollama server tunes itself)."""
+    if cfg.backend != "llamacpp" or "auto" not in (cfg.requantize, cfg.parallel):
+        return cfg
+    from tasks.synthesis.backend import default_threads
+    from tasks.synthesis.llamacpp import default_gguf
+
+    gguf = Path(cfg.model_path).expanduser() if cfg.model_path else default_gguf()
+    return cfg.model_copy(update=tuned(cfg, gguf, cfg.n_threads or default_threads(), stories))
+
+
+def measure_rate(cfg: "SynthesizeConfig", kind: str, width: int, threads: int) -> float:
+    """Generated tokens/s of the backend with `kind` weights and `width` sequences (see `profile_steps`)."""
+    from tasks.synthesis.llamacpp import LlamaCppBackend
+
+    backend = LlamaCppBackend(cfg.model_copy(update={"requantize": kind, "parallel": width, "n_threads": threads}))
+    try:
+        profile = profile_steps(backend, STEPS)
+        return profile["tokens"] / (profile["decode_s"] + profile["sample_s"] + profile["fill_s"])
+    finally:
+        backend.close()
+
+
+def profile_steps(backend: "LlamaCppBackend", steps: int) -> dict[str, float]:
+    """Fill every slot with a recipe prompt, then time `steps` batched steps split into llama_decode, sampling and
+    the Python that fills the batch; prompt processing is timed apart (`prompt_s`)."""
+    from tasks.synthesis.recipes import derive_seed, load_recipe, story_prompt
+    from tasks.synthesis.backend import StoryRequest
+
+    cfg, lib = backend.cfg, backend._lib
+    recipe = load_recipe(cfg.recipe)
+    slots = []
+    for i in range(backend.parallel):
+        p = story_prompt(recipe, cfg.seed, i, cfg.languages)
+        slots.append(backend._start(i, StoryRequest(index=i, attempt=0, prompt=p.prompt, system=p.system,
+                                                    seed=derive_seed("sample", cfg.seed, i, 0))))
+    times = {"prompt_s": 0.0, "decode_s": 0.0, "sample_s": 0.0, "fill_s": 0.0, "tokens": 0.0}
+    try:
+        for step in range(steps + 1):
+            t0 = time.perf_counter()
+            backend._fill_batch(slots)
+            t1 = time.perf_counter()
+            if lib.llama_decode(backend._ctx, backend._batch) != 0:
+                raise RuntimeError("llama_decode failed")
+            t2 = time.perf_counter()
+            for seq in slots:
+                row = lib.llama_get_logits_ith(backend._ctx, seq.output_row)
+                logits = np.ctypeslib.as_array(row, shape=(backend.n_vocab,))
+                seq.generated.append(sample_token(logits, seq.generated[-cfg.repeat_last_n:], seq.rng,
+                                                  temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                                  repeat_penalty=cfg.repeat_penalty))
+            t3 = time.perf_counter()
+            if step == 0:
+                times["prompt_s"] += t3 - t0
+                continue
+            times["fill_s"] += t1 - t0
+            times["decode_s"] += t2 - t1
+            times["sample_s"] += t3 - t2
+            times["tokens"] += len(slots)
+    finally:
+        for seq_id in range(backend.parallel):
+            lib.llama_memory_seq_rm(backend._memory, seq_id, -1, -1)
+    return times
+
+
+def cpu_flags_line() -> str:
+    """The SIMD flags a reader compares figures by (benchmarks print it next to theirs)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    simd = [f for f in flags if f.startswith(("avx", "amx", "fma", "f16c", "sse4"))]
+    return f"{cpu_identity()['cpu']}; {os.cpu_count()} CPUs; {' '.join(sorted(simd))}"
