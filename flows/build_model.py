@@ -35,12 +35,12 @@ def build_model(preset: str = "quickstart", overrides: list[str] | None = None) 
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
-    run = StageRunner(Path(cfg.artifacts_dir))
+    run = StageRunner(Path(cfg.artifacts_dir), cfg.report)
     acquired = run(acquire_task, cfg.acquire) if cfg.acquire.sources else None
     stories = run(synthesize_task, cfg.synthesize) if cfg.synthesize.n else None
     vocabulary = run(tokenizer_task, cfg.tokenizer, acquire=acquired, synthesize=stories)
     shards = run(shard_task, cfg.shard, acquire=acquired, synthesize=stories, tokenizer=vocabulary)
-    model = run(train_task, cfg.train, shard=shards)
+    model = run(train_task, cfg.train, tokenizer=vocabulary, shard=shards)
     evaluation = run(evaluate_task, cfg.evaluate, tokenizer=vocabulary, shard=shards, train=model)
     exported = run(export_task, cfg.export, tokenizer=vocabulary, train=model)
     registered = run(

@@ -27,12 +27,14 @@ import torch.nn as nn
 from model import ModelConfig, build_model
 from pipeline_config.schema import TrainConfig
 from tasks.corpus.reader import ShardTokens
+from tasks.reporting.prefect_artifacts import Progress
 from tasks.stage import PipelineError, read_jsonl, write_atomic, write_json
 from tasks.training.checkpoints import CHECKPOINTS, load_checkpoint, save_checkpoint
 from tasks.training.data import Windows  # noqa: F401  (windows per shard; imported from here too)
 from tasks.training.devices import autocast, autocast_dtype, pick_device
 from tasks.training.distributed import agreed_elapsed, init_distributed
 from tasks.training.emissions import emissions_tracker
+from tasks.training.samples import checkpoint_samples
 
 METRICS = "metrics.jsonl"
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # first element of every window key: training and evaluation never share draws
@@ -116,6 +118,8 @@ class Session:
     stopped_early: bool = False
     out_of_time: bool = False
     elapsed: float = 0.0  # by rank 0's clock, read once per step (a broadcast under DDP) when a time budget is set
+    samples: Any = None  # the leader's CheckpointSamples (tasks/training/samples.py), or None
+    progress: Any = None  # the leader's Prefect progress artifact (a no-op outside a flow run)
 
     @property
     def leader(self) -> bool:
@@ -207,10 +211,10 @@ def _append_metrics(path: Path, row: dict[str, Any]) -> None:
 
 def train(
     cfg: TrainConfig, tokens: np.ndarray | ShardTokens, val_tokens: np.ndarray | ShardTokens, vocab_size: int,
-    out_dir: Path, log: logging.Logger,
+    out_dir: Path, log: logging.Logger, tokenizer_dir: Path | None = None,
 ) -> tuple[dict[str, Any], nn.Module]:
     """Train to `cfg.max_steps` (resuming from `out_dir/checkpoints`) on a split's shards (or one flat array);
-    returns the summary and the model."""
+    returns the summary and the model. With `tokenizer_dir`, every checkpoint also writes samples."""
     s = _session(cfg, vocab_size, out_dir)
     if s.leader:
         log.info(
@@ -219,6 +223,8 @@ def train(
             "bf16 autocast" if s.dtype else "fp32", f"resuming at step {s.start}" if s.start else "from scratch",
         )
         _drop_rows_after(out_dir / METRICS, s.start)
+        s.samples = checkpoint_samples(cfg.samples, tokenizer_dir, out_dir, s.start, cfg.seed, log)
+        s.progress = Progress("train-progress", cfg.max_steps, "training steps")
     windows = _windows(tokens, "train", s.mcfg.block_size, cfg.seed), _windows(val_tokens, "val", s.mcfg.block_size,
                                                                              cfg.seed)
     tracker = emissions_tracker(cfg.track_emissions, cfg.country_iso_code, out_dir) if s.leader else None
@@ -266,6 +272,8 @@ def _loop(s: Session, windows: tuple[Windows, Windows], metrics_path: Path, log:
             _append_metrics(metrics_path, row)
             _log_progress(s, row, logged, log)
             if s.done % cfg.checkpoint_interval == 0 or s.done == cfg.max_steps or s.stopped_early:
+                if s.samples:
+                    s.samples(s.done, s.model)
                 save_checkpoint(s.checkpoints, s.done, s.model, s.optimizer,
                                 {"best_val": s.best_val, "stale": s.stale, "schedule": schedule(cfg)})
                 (s.checkpoints / DIVERGED).unlink(missing_ok=True)  # a checkpoint under the new knobs: resumed
@@ -334,6 +342,8 @@ def _log_progress(s: Session, row: dict[str, Any], logged: list, log: logging.Lo
     val = f" val~{row['val_loss_estimate']:.4f}" if "val_loss_estimate" in row else ""
     log.info("train: step %d/%d loss %.4f%s lr %.2e %.0f tok/s eta %.0fs", done, cfg.max_steps, row["loss"], val,
              row["lr"], rate, eta)
+    if s.progress:
+        s.progress.update(done, f"loss {row['loss']:.4f}{val}, {rate:.0f} tok/s, eta {eta:.0f} s")
 
 
 def _summary(s: Session, seconds: float, tracker, emissions) -> dict[str, Any]:
