@@ -91,10 +91,10 @@ def _metrics(evaluate: Artifact) -> str:
 
 def _energy(upstream: dict[str, Artifact | None]) -> str:
     figures = stage_metrics(upstream)
-    names = [name for name in upstream if f"stage/{name}/seconds" in figures]
-    rows = [{"stage": name, "seconds": figures.get(f"stage/{name}/seconds"),
-             "energy (kWh)": figures.get(f"stage/{name}/energy_kwh"),
-             "CO2eq (kg)": figures.get(f"stage/{name}/emissions_kg_co2eq")} for name in [*names, "total"]]
+    names = [name for name in upstream if f"stage/seconds/{name}" in figures]
+    rows = [{"stage": name, "seconds": figures.get(f"stage/seconds/{name}"),
+             "energy (kWh)": figures.get(f"stage/energy_kwh/{name}"),
+             "CO2eq (kg)": figures.get(f"stage/emissions_kg_co2eq/{name}")} for name in [*names, "total"]]
     return "\n".join(["## Energy", "", "Wall time per stage, and energy where codecarbon measured it:", "",
                       markdown_table(rows)])
 
@@ -132,8 +132,10 @@ def model_card(model_name: str, upstream: dict[str, Artifact | None]) -> str:
     train, evaluate = upstream["train"], upstream["evaluate"]
     arch = train.manifest.get("model_config", {}).get("arch")
     metrics = evaluate.manifest.get("metrics", {})
-    head = (f"# {model_name}\n\nA {train.manifest.get('parameters', 0) / 1e6:.2f}M-parameter {arch} language model "
-            f"trained by Scriptorium: {metrics.get('val_bpb', float('nan')):.4f} bits per byte on held-out text.")
+    # the title is what the registry's version list shows of the description: say what the model is in it
+    head = (f"# {model_name}: {arch}, {train.manifest.get('parameters', 0):,} parameters, "
+            f"{metrics.get('val_bpb', float('nan')):.4f} bits per byte\n\nA small language model trained end to end "
+            "by Scriptorium; this card is built from its lineage's manifests.")
     sections = [head, _data(upstream.get("acquire"), upstream.get("synthesize"), upstream["shard"]),
                 _tokenizer(upstream["tokenizer"]), _architecture(train), _training(train), _metrics(evaluate),
                 _energy(upstream), _samples(evaluate, train), USE_AND_LIMITS]

@@ -21,15 +21,16 @@ CHECKPOINT_SAMPLES = "samples.jsonl"  # tasks/training/samples.py, in the train 
 
 
 def stage_metrics(upstream: dict[str, Artifact | None]) -> dict[str, float]:
-    """`stage/<name>/seconds`, `stage/<name>/energy_kwh`, `stage/<name>/emissions_kg_co2eq` of every stage that ran
-    (from the `compute` section of its manifest), and their totals as `stage/total/...`."""
+    """`stage/seconds/<name>`, `stage/energy_kwh/<name>`, `stage/emissions_kg_co2eq/<name>` of every stage that ran
+    (the `compute` section of its manifest), and their sums as `stage/<figure>/total`. Named figure first, so the
+    run page shows one section per figure (MLflow groups charts by the prefix before the last `/`)."""
     metrics: dict[str, float] = {}
     for name, artifact in upstream.items():
         compute = (artifact.manifest.get("compute") or {}) if artifact is not None else {}
         for figure in STAGE_FIGURES:
             if compute.get(figure) is not None:
-                metrics[f"stage/{name}/{figure}"] = float(compute[figure])
-                metrics[f"stage/total/{figure}"] = metrics.get(f"stage/total/{figure}", 0.0) + float(compute[figure])
+                metrics[f"stage/{figure}/{name}"] = float(compute[figure])
+                metrics[f"stage/{figure}/total"] = metrics.get(f"stage/{figure}/total", 0.0) + float(compute[figure])
     return metrics
 
 
@@ -64,6 +65,12 @@ def checkpoint_samples(train: Artifact) -> list[dict[str, Any]]:
     return read_jsonl(Path(train.path) / CHECKPOINT_SAMPLES)
 
 
+def _columns(rows: list[dict[str, Any]], first: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Rows with `first` as their leading columns: the evaluation view groups by the first column and compares the
+    second across runs (step, then the text written at it)."""
+    return [{**{key: row[key] for key in first if key in row}, **row} for row in rows]
+
+
 def _log_table_once(client: Any, run_id: str, rows: list[dict[str, Any]], path: str) -> None:
     import pandas as pd
 
@@ -81,11 +88,14 @@ def log_views(client: Any, run_id: str, upstream: dict[str, Artifact | None]) ->
     if figures:
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(name, value, now, 0) for name, value in sorted(figures.items())])
+    # the evaluation view opens on the first table logged: how the writing evolved
+    _log_table_once(client, run_id, _columns(checkpoint_samples(upstream["train"]), ("step", "text")),
+                    CHECKPOINT_TABLE)
+    _log_table_once(client, run_id, _columns(upstream["evaluate"].manifest.get("samples", []), ("prompt", "text")),
+                    EVALUATION_TABLE)
     rows = fertility_rows(upstream["tokenizer"])
     _log_table_once(client, run_id, rows, FERTILITY_TABLE)
     if rows:
         fig = fertility_figure(rows)
         client.log_figure(run_id, fig, FERTILITY_FIGURE)
         plt.close(fig)
-    _log_table_once(client, run_id, upstream["evaluate"].manifest.get("samples", []), EVALUATION_TABLE)
-    _log_table_once(client, run_id, checkpoint_samples(upstream["train"]), CHECKPOINT_TABLE)
