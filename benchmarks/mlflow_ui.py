@@ -228,12 +228,12 @@ class Browser:
         return self.wait_for(expected)
 
     def screenshot(self, path: Path, full_height: bool = False) -> Path:
-        """The viewport, or with `full_height` a viewport as tall as the page's tallest scrolling box (MLflow
-        scrolls an inner panel, not the document)."""
+        """The viewport, or with `full_height` a viewport as tall as the page's content (MLflow scrolls an inner
+        panel, not the document, so the document's own height says nothing)."""
         height = self.height
         if full_height:
-            tallest = "Math.max(...Array.from(document.querySelectorAll('*'), e => e.scrollHeight))"
-            height = max(height, min(int(self.evaluate(tallest) or height) + 200, 6000))
+            bottom = "Math.max(...Array.from(document.querySelectorAll('body *'), e => e.getBoundingClientRect().bottom))"
+            height = max(height, min(int(self.evaluate(bottom) or height) + 40, 6000))
         self.send("Emulation.setDeviceMetricsOverride", width=self.width, height=height, deviceScaleFactor=1,
                   mobile=False)
         data = self.send("Page.captureScreenshot", format="png", captureBeyondViewport=full_height)["data"]
@@ -292,14 +292,26 @@ def pages(base: str, store: dict[str, Any]) -> list[Page]:
     ]
 
 
-def shoot(base: str, store: dict[str, Any], out: Path, browser: Browser) -> dict[str, tuple[Path, str]]:
-    """Each page's screenshot and the text it rendered."""
+@dataclass(frozen=True)
+class Shot:
+    path: Path  # the screenshot
+    text: str  # the page's rendered text
+    images: tuple[tuple[int, int], ...]  # (width, height) of each image it loaded and decoded
+
+
+LOADED_IMAGES = ("Array.from(document.images).filter(i => i.complete && i.naturalWidth > 0)"
+                 ".map(i => [i.naturalWidth, i.naturalHeight])")
+
+
+def shoot(base: str, store: dict[str, Any], out: Path, browser: Browser) -> dict[str, Shot]:
+    """Each page's screenshot, the text it rendered and the images it showed."""
     shots = {}
     for page in pages(base, store):
         text = browser.open(page.url, *(page.ready if page.search else page.expected))
         if page.search:
             text = browser.search(page.search, *page.expected)
-        shots[page.name] = (browser.screenshot(out / f"{page.name}.png", page.full_height), text)
+        path = browser.screenshot(out / f"{page.name}.png", page.full_height)
+        shots[page.name] = Shot(path, text, tuple(tuple(size) for size in browser.evaluate(LOADED_IMAGES) or ()))
     return shots
 
 
@@ -319,8 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"store: two runs {store['runs']}, versions {store['versions']}, champion {store['champion']} "
               f"({time.perf_counter() - started:.0f} s)")
         with mlflow_ui(store, root / "mlflow-server.log") as base, Browser() as browser:
-            for name, (path, text) in shoot(base, store, args.out, browser).items():
-                print(f"{name:20s} {path}  ({len(text)} characters of text)")
+            for name, shot in shoot(base, store, args.out, browser).items():
+                print(f"{name:20s} {shot.path}  ({len(shot.text)} characters of text, {len(shot.images)} images)")
     finally:
         if args.store is None:
             shutil.rmtree(root, ignore_errors=True)
