@@ -56,7 +56,7 @@ def test_cache_key_ignores_unrelated_knobs_and_follows_upstream(tmp_path):
     changed = load_config("quickstart", ["train.max_steps=300", "evaluate.temperature=0.1"])
     docs = Artifact("acquire", tmp_path, "a" * 64)
     assert TOKENIZER.key(base.tokenizer, {"acquire": docs, "synthesize": None}) == TOKENIZER.key(changed.tokenizer, {"acquire": docs, "synthesize": None})
-    assert TRAIN.key(base.train, {"shard": docs}) != TRAIN.key(changed.train, {"shard": docs})
+    assert TRAIN.key(base.train, {"tokenizer": docs, "shard": docs}) != TRAIN.key(changed.train, {"tokenizer": docs, "shard": docs})
     other_docs = Artifact("acquire", tmp_path, "b" * 64)
     assert TOKENIZER.key(base.tokenizer, {"acquire": docs, "synthesize": None}) != TOKENIZER.key(base.tokenizer, {"acquire": other_docs, "synthesize": None})
 
