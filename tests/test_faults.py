@@ -381,7 +381,7 @@ def test_a_diverged_run_resumes_from_its_last_finite_checkpoint_with_a_new_learn
 
     first, lowered = tiny_train_config(max_steps=10, checkpoint_interval=3), tiny_train_config(
         max_steps=10, checkpoint_interval=3, learning_rate=3e-4, warmup_steps=5)
-    shard = {"shard": None}
+    shard = {"tokenizer": None, "shard": None}
     assert STAGE.workdir(tmp_path, first, shard) == STAGE.workdir(tmp_path, lowered, shard)
     assert STAGE.key(first, shard) != STAGE.key(lowered, shard)
     out = STAGE.workdir(tmp_path, first, shard)
