@@ -58,7 +58,8 @@ def test_the_ui_api_serves_curves_stage_figures_tables_plots_the_alias_and_the_c
     assert {"alias": "champion", "version": store["champion"]} in aliases
     version = ui.ajax(base, "model-versions/get", name=store["model_name"], version=store["champion"])
     card = version["model_version"]["description"]
-    assert card.startswith(f"# {store['model_name']}: gpt, ") and "## Intended use" in card and "## Energy" in card
+    assert card.startswith(f"# {store['model_name']}: ") and " bits per byte, gpt, " in card.splitlines()[0]
+    assert "## Intended use" in card and "## Energy" in card
     assert ui.artifact(base, version["model_version"]["run_id"], "README.md").decode() == card
     model_id = version["model_version"]["source"].removeprefix("models:/")
     assert (Path(store["artifacts"]) / "models" / model_id / "artifacts" / "README.md").read_text() == card

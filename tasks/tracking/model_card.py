@@ -132,10 +132,11 @@ def model_card(model_name: str, upstream: dict[str, Artifact | None]) -> str:
     train, evaluate = upstream["train"], upstream["evaluate"]
     arch = train.manifest.get("model_config", {}).get("arch")
     metrics = evaluate.manifest.get("metrics", {})
-    # the title is what the registry's version list shows of the description: say what the model is in it
-    head = (f"# {model_name}: {arch}, {train.manifest.get('parameters', 0):,} parameters, "
-            f"{metrics.get('val_bpb', float('nan')):.4f} bits per byte\n\nA small language model trained end to end "
-            "by Scriptorium; this card is built from its lineage's manifests.")
+    # the title is what the registry's version list shows of the description (cut at ~30 characters): the figure
+    # that tells versions apart goes first
+    head = (f"# {model_name}: {metrics.get('val_bpb', float('nan')):.4f} bits per byte, {arch}, "
+            f"{train.manifest.get('parameters', 0):,} parameters\n\nA small language model trained end to end by "
+            "Scriptorium; this card is built from its lineage's manifests.")
     sections = [head, _data(upstream.get("acquire"), upstream.get("synthesize"), upstream["shard"]),
                 _tokenizer(upstream["tokenizer"]), _architecture(train), _training(train), _metrics(evaluate),
                 _energy(upstream), _samples(evaluate, train), USE_AND_LIMITS]
