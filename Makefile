@@ -15,7 +15,7 @@ POOL ?= scriptorium
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup run test ui clean server worker deploy serve
+.PHONY: setup run test ui clean server worker deploy serve browser screenshots
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,13 +25,23 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-setup: $(STAMP)
+# tests/test_mlflow_ui.py drives Debian's chromium headless; apt installs it once, only where it is missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
+
+setup: $(STAMP) browser
 
 run: $(STAMP)
 	$(PY) -m flows --server --preset $(PRESET) $(foreach kv,$(SET),--set $(kv))
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests
+
+# Screenshots of the MLflow UI on two tiny runs (experiment, compare view, champion, model card): artifacts/ui-screenshots/
+screenshots: $(STAMP) browser
+	$(PY) benchmarks/mlflow_ui.py --out $(CURDIR)/artifacts/ui-screenshots
 
 ui: $(STAMP)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --workers 1 \

@@ -35,7 +35,7 @@ def build_model(preset: str = "quickstart", overrides: list[str] | None = None) 
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
-    run = StageRunner(Path(cfg.artifacts_dir))
+    run = StageRunner(Path(cfg.artifacts_dir), cfg.report)
     acquired = run(acquire_task, cfg.acquire) if cfg.acquire.sources else None
     stories = run(synthesize_task, cfg.synthesize) if cfg.synthesize.n else None
     vocabulary = run(tokenizer_task, cfg.tokenizer, acquire=acquired, synthesize=stories)

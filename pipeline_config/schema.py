@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -228,6 +228,18 @@ class LoraConfig(Section):
         "w13 w2; mamba2: in_proj out_proj) or a glob over its full name (h.*.attn.c_attn); the output head never")
 
 
+class CheckpointSamplesConfig(Section):
+    """What the model writes at each checkpoint (Alexandria's "evolution of language modeling"): each prompt continued
+    greedily and at `temperature`, kept per step in the train artifact's `samples.jsonl` and logged as an MLflow
+    table, so a reader sees the writing improve."""
+
+    enabled: bool = True
+    prompts: list[str] | None = Field(None, description="None: evaluate.prompts (filled in when the configuration is "
+                                      "loaded, so train's cache key holds them)")
+    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(0.5, ge=0, description="the sampled continuation's temperature (the other is greedy)")
+
+
 class TrainConfig(Section):
     model: ModelSection = Field(default_factory=ModelSection)
     seed: int = 1337
@@ -265,6 +277,7 @@ class TrainConfig(Section):
     track_emissions: bool = True
     country_iso_code: str = Field("FRA", min_length=3, max_length=3)
     log_interval: int = Field(20, ge=1)
+    samples: CheckpointSamplesConfig = Field(default_factory=CheckpointSamplesConfig)
     init_from: str = Field(
         "scratch", pattern=MODEL_REF.replace("^(", "^(scratch|", 1),
         description="scratch, champion (the registered champion of register.model_name; scratch while there is "
@@ -318,6 +331,18 @@ class RegisterConfig(Section):
         description="lower is better: val_bpb, val_loss or val_perplexity, or one language's, e.g. val_bpb.fr")
 
 
+class ReportConfig(Section):
+    """What a person sees while and after a run: Prefect artifacts and each stage's time and energy. None of it
+    changes what a stage writes, so this section is in no stage's cache key: switching it re-runs nothing."""
+
+    prefect_artifacts: bool = Field(True, description="progress and summary artifacts in the Prefect UI (only "
+                                    "inside a flow run)")
+    track_energy: bool = Field(True, description="codecarbon around synthesize, tokenizer, shard, evaluate and "
+                               "export (train measures its loop itself: train.track_emissions); starting it costs "
+                               "2-4 s a stage")
+    country_iso_code: str = Field("FRA", min_length=3, max_length=3, description="the grid the energy is costed on")
+
+
 # `register` is the stage's name; pydantic warns that it shadows ABCMeta.register, which no config code uses.
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
@@ -333,6 +358,20 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     register: RegisterConfig = Field(default_factory=RegisterConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _checkpoint_prompts(cls, data: Any) -> Any:
+        """Checkpoint samples continue evaluate's prompts unless `train.samples.prompts` names others."""
+        train = data.get("train", {}) if isinstance(data, dict) else None
+        samples = train.get("samples", {}) if isinstance(train, dict) else None
+        if not isinstance(samples, dict) or samples.get("prompts") is not None:
+            return data
+        evaluate = data.get("evaluate", {})
+        prompts = evaluate.get("prompts") if isinstance(evaluate, dict) else getattr(evaluate, "prompts", None)
+        prompts = EvaluateConfig.model_fields["prompts"].default_factory() if prompts is None else prompts
+        return {**data, "train": {**train, "samples": {**samples, "prompts": prompts}}}
 
     @model_validator(mode="after")
     def _has_data(self) -> "PipelineConfig":

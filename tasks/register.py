@@ -213,6 +213,7 @@ def register(cfg: RegisterConfig, out_dir: Path, log: logging.Logger, *, acquire
         log.info("register: run %s already registered this lineage as version %s; finishing it", run_id, version)
     if client.get_run(run_id).info.status != "FINISHED":  # a run killed after its model version was created
         client.set_terminated(run_id, "FINISHED")
+    _log_views_and_card(client, cfg, run_id, version, upstream)
     metrics = summary_metrics(upstream)
     lineage = record_lineage(client, cfg, version, upstream)
     promoted, previous = _maybe_promote(client, cfg, version, metrics, lambda current: champion_figure(
@@ -237,6 +238,39 @@ def register(cfg: RegisterConfig, out_dir: Path, log: logging.Logger, *, acquire
         f", now '{cfg.champion_alias}'" if promoted else f", '{cfg.champion_alias}' stays version {previous}",
     )
     return result
+
+
+VIEWS_TAG = "scriptorium.views_logged"  # on the run: stage figures, tables and charts for the UI are all there
+MODEL_CARD = "README.md"
+# the experiment's kind, which MLflow 3's UI reads to tell training runs from GenAI traces
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def _log_views_and_card(client: Any, cfg: RegisterConfig, run_id: str, version: str,
+                        upstream: dict[str, Artifact | None]) -> str:
+    """What the MLflow UI shows beyond the lineage (tasks/tracking/): per-stage time and energy, the fertility table
+    and chart, evaluation and checkpoint samples as tables, and the model card, logged in the run and with the model
+    and set as the version's description. Written once per run (a re-run of a registered lineage writes nothing);
+    returns the card, for text the description adds to it."""
+    from tasks.tracking.model_card import model_card
+    from tasks.tracking.views import log_views
+
+    card = model_card(cfg.model_name, upstream)
+    if client.get_run(run_id).data.tags.get(VIEWS_TAG) == "true":
+        return card
+    client.set_experiment_tag(client.get_run(run_id).info.experiment_id, *EXPERIMENT_KIND)
+    log_views(client, run_id, upstream)
+    client.log_text(run_id, card, MODEL_CARD)
+    source = str(client.get_model_version(cfg.model_name, version).source)
+    if source.startswith("models:/m-"):  # MLflow 3: the logged model has its own artifacts, beside MLmodel
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / MODEL_CARD).write_text(card, encoding="utf-8")
+            client.log_model_artifact(source.removeprefix("models:/").split("/")[0], str(Path(tmp) / MODEL_CARD))
+    client.update_model_version(cfg.model_name, version, description=card)
+    client.set_tag(run_id, VIEWS_TAG, "true")
+    return card
 
 
 class RegisterError(PipelineError):

@@ -316,10 +316,18 @@ def _module_source(name: str) -> tuple[str, frozenset[str]] | None:
 
 
 STAGE_MODULES = frozenset(f"tasks.{name}" for name in PIPELINE)
+# What a person sees (Prefect artifacts, time and energy; see tasks/reporting/) never shapes a stage's files, so it
+# is in no stage's code identity: editing a summary table re-runs nothing.
+REPORTING = "tasks.reporting"
+
+
+def _untracked(name: str) -> bool:
+    return (name in STAGE_MODULES) or name == REPORTING or name.startswith(REPORTING + ".")
 
 
 def code_modules(module: str) -> list[str]:
-    """`module` and every project module it imports, transitively, sorted; the walk stops at other stages' modules.
+    """`module` and every project module it imports, transitively, sorted; the walk stops at other stages' modules
+    and at `tasks/reporting/` (what a person sees, never what a stage writes).
 
     A stage reads another stage's output through that stage's artifact, whose fingerprint is already in its key; it
     imports the other stage's module only for file names, which the fingerprint covers too. Following those imports
@@ -329,7 +337,7 @@ def code_modules(module: str) -> list[str]:
     todo = [module]
     while todo:
         name = todo.pop()
-        if name in seen or (name in STAGE_MODULES and name != module) or (source := _module_source(name)) is None:
+        if name in seen or (_untracked(name) and name != module) or (source := _module_source(name)) is None:
             continue
         seen.add(name)
         todo.extend(source[1] - seen)
@@ -418,8 +426,11 @@ class Stage:
         return None
 
     def execute(self, cfg: BaseModel, upstream: Mapping[str, Artifact | None], root: Path,
-                log: logging.Logger | None = None) -> Artifact:
-        """Run the stage without Prefect; returns the existing artifact if this exact key already finished."""
+                log: logging.Logger | None = None, report: BaseModel | None = None) -> Artifact:
+        """Run the stage without Prefect; returns the existing artifact if this exact key already finished.
+
+        The run is timed (and its energy tracked when `report`, the `ReportConfig`, says so) into the manifest's
+        `compute`; inside a Prefect run its summary is published as an artifact (tasks/reporting/)."""
         log = log or logging.getLogger(f"scriptorium.{self.name}")
         out_dir = self.workdir(root, cfg, upstream)
         key = self.key(cfg, upstream)
@@ -429,10 +440,19 @@ class Stage:
             return existing
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / MANIFEST).unlink(missing_ok=True)
-        fields = self.run(cfg, out_dir, log, **upstream)
-        return write_manifest(out_dir, self.name, {
-            "cache_key": key, "config": cfg.model_dump(mode="json"), "upstream": key_upstream(upstream), **fields,
-        })
+        from tasks.reporting.compute import measured
+        from tasks.reporting.prefect_artifacts import reporting
+        from tasks.reporting.summaries import publish_summary
+
+        with reporting(getattr(report, "prefect_artifacts", True)):
+            with measured(self.name, out_dir, report, log) as compute:
+                fields = self.run(cfg, out_dir, log, **upstream)
+            artifact = write_manifest(out_dir, self.name, {
+                "cache_key": key, "config": cfg.model_dump(mode="json"), "upstream": key_upstream(upstream), **fields,
+                "compute": compute.figures(fields),
+            })
+            publish_summary(self.name, artifact.manifest, artifact.path)
+        return artifact
 
 
 def key_upstream(upstream: Mapping[str, Artifact | None]) -> dict[str, str | None]:
@@ -613,9 +633,10 @@ def prefect_task(stage: Stage):
             record.unlink(missing_ok=True)
         return key
 
-    def run_stage(cfg: BaseModel, upstream: dict[str, Artifact | None], root: Path) -> dict[str, str]:
+    def run_stage(cfg: BaseModel, upstream: dict[str, Artifact | None], root: Path,
+                  report: BaseModel | None = None) -> dict[str, str]:
         with hold_artifacts(root):
-            return reference(stage.execute(cfg, upstream, root, get_run_logger()), root)
+            return reference(stage.execute(cfg, upstream, root, get_run_logger(), report), root)
 
     return task(
         run_stage,
@@ -636,13 +657,14 @@ class StageRunner:
 
     It holds the artifacts lock around each call (re-entrant: the flow normally holds it for the whole run)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, report: BaseModel | None = None):
         self.root = Path(root).resolve()
+        self.report = report  # the ReportConfig: Prefect artifacts, energy tracking (in no cache key)
         self.states: dict[str, str] = {}
 
     def __call__(self, stage_task: Any, cfg: BaseModel, **upstream: Artifact | None) -> Artifact:
         configured = stage_task.with_options(result_storage=results_dir(self.root))
         with hold_artifacts(self.root):
-            state = configured(cfg=cfg, upstream=upstream, root=self.root, return_state=True)
+            state = configured(cfg=cfg, upstream=upstream, root=self.root, report=self.report, return_state=True)
             self.states[stage_task.name] = state.name
             return resolve_reference(state.result(), self.root)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline_config.synthesize import SynthesizeConfig
+from tasks.reporting.prefect_artifacts import Progress
 from tasks.stage import Stage, describe_files, prefect_task, write_json
 from tasks.synthesis.backend import Completion, StoryBackend, StoryRequest, SynthesizeError, open_backend
 from tasks.synthesis.journal import Journal
@@ -178,9 +179,11 @@ class _Writer:
         log.info("synthesize: %s backend ready with %s in %.1f s", backend.name, backend.model,
                  time.monotonic() - started)
         done, last_log, started = 0, time.monotonic(), time.monotonic()
+        progress = Progress("synthesize-progress", len(slots), "stories written")
         try:
             for completion in backend.generate(self.next_request):
                 done += self._judge(completion, backend)
+                progress.update(done, f"{self.run['accepted']} accepted, {sum(self.run['rejected'].values())} rejected")
                 now = time.monotonic()
                 if now - last_log >= PROGRESS_EVERY_S or done == len(slots):
                     last_log = now

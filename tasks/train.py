@@ -4,7 +4,7 @@ The engine lives in `tasks/training/` (the loop, checkpoints, devices and dtype,
 the stage: read the shards, train (resuming from the checkpoints in its own directory), write the final weights.
 Under `torchrun` the same function runs on every rank (see `tasks/training/distributed.py`):
 
-    torchrun --nproc_per_node N -m tasks.train CONFIG.json SHARD_DIR OUT_DIR
+    torchrun --nproc_per_node N -m tasks.train CONFIG.json SHARD_DIR OUT_DIR [TOKENIZER_DIR]
 
 `train.init_from` starts from a registered model's weights instead of random ones (`tasks/training/init.py`), and
 `train.lora` trains adapters on them; the artifact is plain merged weights either way. The stage's cache key follows
@@ -27,12 +27,15 @@ from tasks.stage import Artifact, Stage, atomic_path, describe_files, key_upstre
 from tasks.training.checkpoints import WEIGHTS
 from tasks.training.init import starting_point
 from tasks.training.loop import METRICS, PROFILE, RESUMABLE_KNOBS, TrainingDiverged, model_config, train  # noqa: F401
+from tasks.training.samples import SAMPLES
 
 MODEL_CONFIG = "model_config.json"
 
 
 def train_stage(cfg: TrainConfig, out_dir: Path, log: logging.Logger, *, tokenizer: Artifact | None = None,
                 shard: Artifact) -> dict[str, Any]:
+    """The tokenizer is checked against init_from's parent and used to write the checkpoint samples
+    (`train.samples`); without it there are none."""
     from safetensors.torch import save_model
 
     from model.lora import merge_lora
@@ -43,7 +46,7 @@ def train_stage(cfg: TrainConfig, out_dir: Path, log: logging.Logger, *, tokeniz
     if start.reuse is not None:
         return _reused(start, out_dir)
     summary, model = train(cfg, split_tokens(shard, "train"), split_tokens(shard, "val"), vocab_size, out_dir, log,
-                           init=start.init)
+                           init=start.init, tokenizer_dir=tokenizer.path if tokenizer is not None else None)
     summary["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if cfg.lora is not None:
         model = merge_lora(model)  # plain weights, the same keys as any model: evaluate/export/register unchanged
@@ -52,7 +55,8 @@ def train_stage(cfg: TrainConfig, out_dir: Path, log: logging.Logger, *, tokeniz
     with atomic_path(out_dir / WEIGHTS) as weights:
         save_model(model, str(weights))
     write_json(out_dir / MODEL_CONFIG, summary["model_config"])
-    return {**summary, **start.record(), "files": describe_files(out_dir, [WEIGHTS, MODEL_CONFIG, PROFILE])}
+    samples = [SAMPLES] if (out_dir / SAMPLES).is_file() else []
+    return {**summary, **start.record(), "files": describe_files(out_dir, [WEIGHTS, MODEL_CONFIG, PROFILE, *samples])}
 
 
 def _reused(start: Any, out_dir: Path) -> dict[str, Any]:

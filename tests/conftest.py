@@ -50,4 +50,5 @@ def tiny_overrides(artifacts: Path, corpus: Path, stories: int = 0) -> list[str]
         "evaluate.max_batches=2",
         "evaluate.max_new_tokens=8",
         "evaluate.prompts=[once upon a time]",
+        "report.track_energy=false",  # codecarbon costs 2-4 s a stage; tests/test_reporting.py measures it once
     ]

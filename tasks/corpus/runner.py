@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from pipeline_config.schema import RunnerConfig
+from tasks.reporting.prefect_artifacts import Progress
 
 
 def task_runner(cfg: RunnerConfig, workers: int) -> Any:
@@ -77,10 +78,12 @@ def _map(submit: Callable[[Any, dict[str, Any]], Any], log: logging.Logger, task
          what: str, size: Callable[[Any], float] | None = None) -> list[Any]:
     started, done_bytes, results = time.perf_counter(), 0.0, []
     futures = [submit(task, call) for call in calls]
+    progress = Progress(what, len(calls), what)  # a Prefect progress artifact, e.g. "shard: chunks tokenized"
     for number, future in enumerate(futures, 1):
         results.append(future.result())
         done_bytes += size(results[-1]) if size else 0
         _progress(log, what, number, len(calls), done_bytes, started, max(len(calls) // 20, 1))
+        progress.update(number, f"{done_bytes / 1e6:.1f} MB of text" if size else "")
     return results
 
 

@@ -5,7 +5,7 @@ gradient averaging gives exactly the single-process update for the same global b
 `max_seconds` budget, the schedule it drives) use rank 0's clock, broadcast once per step, so ranks never disagree on
 when to stop.
 
-    torchrun --nproc_per_node N -m tasks.train CONFIG.json SHARD_DIR OUT_DIR
+    torchrun --nproc_per_node N -m tasks.train CONFIG.json SHARD_DIR OUT_DIR [TOKENIZER_DIR]
 
 writes the same artifact the train stage writes (weights, model config, metrics, `manifest.json`), so evaluate and
 register can use it.
@@ -41,21 +41,23 @@ def agreed_elapsed(started: float, world: int, device: torch.device) -> float:
 
 
 def torchrun_main(argv: list[str]) -> None:
-    """`CONFIG.json SHARD_DIR OUT_DIR`: the train stage's function on every rank; rank 0 writes the artifact."""
+    """`CONFIG.json SHARD_DIR OUT_DIR [TOKENIZER_DIR]`: the train stage's function on every rank; rank 0 writes the
+    artifact (with the checkpoint samples when the tokenizer is given)."""
     from pipeline_config.schema import TrainConfig
     from tasks.stage import key_upstream, load_artifact, write_manifest
     from tasks.train import train_stage
 
-    config_file, shard_dir, out_dir = argv
+    config_file, shard_dir, out_dir, *tokenizer_dir = argv
     cfg = TrainConfig.model_validate_json(Path(config_file).read_text())
     shard = load_artifact(Path(shard_dir), "shard")
+    tokenizer = load_artifact(Path(tokenizer_dir[0]), "tokenizer") if tokenizer_dir else None
     if shard is None:
         raise SystemExit(f"{shard_dir} is not a finished shard artifact (no manifest.json)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(out_dir)
-    fields = train_stage(cfg, out, logging.getLogger("scriptorium.train"), shard=shard)
+    fields = train_stage(cfg, out, logging.getLogger("scriptorium.train"), shard=shard, tokenizer=tokenizer)
     if int(os.environ.get("RANK", "0")) == 0:
-        write_manifest(out, "train", {"config": cfg.model_dump(mode="json"), "upstream": key_upstream({"shard": shard}),
-                                      **fields})
+        write_manifest(out, "train", {"config": cfg.model_dump(mode="json"),
+                                      "upstream": key_upstream({"shard": shard, "tokenizer": tokenizer}), **fields})
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

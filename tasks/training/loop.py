@@ -29,6 +29,7 @@ from model.profile import describe as describe_profile
 from model.profile import model_profile
 from pipeline_config.schema import TrainConfig
 from tasks.corpus.reader import ShardTokens
+from tasks.reporting.prefect_artifacts import Progress
 from tasks.stage import PipelineError, read_jsonl, write_atomic, write_json
 from tasks.training.checkpoints import CHECKPOINTS, load_checkpoint, save_checkpoint
 from tasks.training.data import Windows  # noqa: F401  (windows per shard; imported from here too)
@@ -36,6 +37,7 @@ from tasks.training.devices import autocast, autocast_dtype, pick_device
 from tasks.training.distributed import agreed_elapsed, init_distributed
 from tasks.training.emissions import emissions_tracker
 from tasks.training.muon import build_optimizer
+from tasks.training.samples import checkpoint_samples
 
 METRICS = "metrics.jsonl"
 PROFILE = "profile.json"  # parameters by component, FLOPs per token, memory estimate (model/profile.py)
@@ -126,6 +128,8 @@ class Session:
     stopped_early: bool = False
     out_of_time: bool = False
     elapsed: float = 0.0  # by rank 0's clock, read once per step (a broadcast under DDP) when a time budget is set
+    samples: Any = None  # the leader's CheckpointSamples (tasks/training/samples.py), or None
+    progress: Any = None  # the leader's Prefect progress artifact (a no-op outside a flow run)
 
     @property
     def leader(self) -> bool:
@@ -222,9 +226,10 @@ def _append_metrics(path: Path, row: dict[str, Any]) -> None:
 def train(
     cfg: TrainConfig, tokens: np.ndarray | ShardTokens, val_tokens: np.ndarray | ShardTokens, vocab_size: int,
     out_dir: Path, log: logging.Logger, init: Callable[[nn.Module], nn.Module] | None = None,
+    tokenizer_dir: Path | None = None,
 ) -> tuple[dict[str, Any], nn.Module]:
     """Train to `cfg.max_steps` (resuming from `out_dir/checkpoints`) on a split's shards (or one flat array);
-    returns the summary and the model."""
+    returns the summary and the model. With `tokenizer_dir`, every checkpoint also writes samples."""
     s = _session(cfg, vocab_size, out_dir, init)
     if s.leader:
         log.info(
@@ -237,6 +242,8 @@ def train(
         s.profile = model_profile(s.model, cfg.batch_size, s.tokens_per_step)
         write_json(out_dir / PROFILE, s.profile)
         log.info("train: profile: %s", describe_profile(s.profile))
+        s.samples = checkpoint_samples(cfg.samples, tokenizer_dir, out_dir, s.start, cfg.seed, log)
+        s.progress = Progress("train-progress", cfg.max_steps, "training steps")
     windows = _windows(tokens, "train", s.mcfg.block_size, cfg.seed), _windows(val_tokens, "val", s.mcfg.block_size,
                                                                              cfg.seed)
     tracker = emissions_tracker(cfg.track_emissions, cfg.country_iso_code, out_dir) if s.leader else None
@@ -286,6 +293,8 @@ def _loop(s: Session, windows: tuple[Windows, Windows], metrics_path: Path, log:
             _append_metrics(metrics_path, row)
             _log_progress(s, row, logged, log)
             if s.done % cfg.checkpoint_interval == 0 or s.done == cfg.max_steps or s.stopped_early:
+                if s.samples:
+                    s.samples(s.done, s.model)
                 save_checkpoint(s.checkpoints, s.done, s.model, s.optimizer,
                                 {"best_val": s.best_val, "stale": s.stale, "schedule": schedule(cfg),
                                  "elapsed": s.elapsed})
@@ -358,6 +367,8 @@ def _log_progress(s: Session, row: dict[str, Any], logged: list, log: logging.Lo
     val = f" val~{row['val_loss_estimate']:.4f}" if "val_loss_estimate" in row else ""
     log.info("train: step %d/%d loss %.4f%s lr %.2e %.0f tok/s eta %.0fs", done, cfg.max_steps, row["loss"], val,
              row["lr"], rate, eta)
+    if s.progress:
+        s.progress.update(done, f"loss {row['loss']:.4f}{val}, {rate:.0f} tok/s, eta {eta:.0f} s")
 
 
 def _summary(s: Session, seconds: float, tracker, emissions) -> dict[str, Any]:
