@@ -481,6 +481,15 @@ def test_register_killed_anywhere_is_finished_by_the_rerun_not_repeated(lineage,
     assert artifact.manifest["champion"] is True and "val_bpb" in runs[0].data.metrics  # the lineage is complete
 
 
+def _stored_figure(client, cfg, root: Path):
+    """The gate's champion figure for these versions: they are no pipeline models (no weights to rescore), so the
+    gate falls back to each one's stored metric, which is the path under test here."""
+    from tasks.lineage.gate import champion_figure
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    return lambda current: champion_figure(client, cfg, uri, current, {}, logging.getLogger("test"))
+
+
 def _store_with_versions(root: Path, figures: list[float]):
     """A real SQLite MLflow store holding one run and model version per figure (val_bpb)."""
     import mlflow
@@ -504,10 +513,11 @@ def test_a_nan_metric_never_takes_the_champion_and_a_nan_champion_loses_to_any_f
 
     cfg = RegisterConfig(model_name="m")
     client, (v1, v2, v3) = _store_with_versions(tmp_path, [1.5, float("nan"), 1.6])
-    assert _maybe_promote(client, cfg, v1, {"val_bpb": 1.5}) == (True, None)
-    assert _maybe_promote(client, cfg, v2, {"val_bpb": float("nan")}) == (False, v1)
+    figure = _stored_figure(client, cfg, tmp_path)
+    assert _maybe_promote(client, cfg, v1, {"val_bpb": 1.5}, figure) == (True, None)
+    assert _maybe_promote(client, cfg, v2, {"val_bpb": float("nan")}, figure) == (False, v1)
     client.set_registered_model_alias("m", "champion", v2)  # a NaN champion left by an older run
-    assert _maybe_promote(client, cfg, v3, {"val_bpb": 1.6}) == (True, v2)
+    assert _maybe_promote(client, cfg, v3, {"val_bpb": 1.6}, figure) == (True, v2)
     assert str(client.get_model_version_by_alias("m", "champion").version) == v3
 
 
@@ -527,7 +537,8 @@ def test_the_champion_alias_moves_only_away_from_the_champion_it_was_compared_wi
             client.set_registered_model_alias("m", "champion", better)
 
     client.set_model_version_tag = concurrent_run_promotes_its_better_version
-    assert _maybe_promote(client, RegisterConfig(model_name="m"), ours, {"val_bpb": 1.4}) == (False, better)
+    cfg = RegisterConfig(model_name="m")
+    assert _maybe_promote(client, cfg, ours, {"val_bpb": 1.4}, _stored_figure(client, cfg, tmp_path)) == (False, better)
     assert str(client.get_model_version_by_alias("m", "champion").version) == better
 
 

@@ -141,11 +141,11 @@ def _download(uri: str, name: str, version: str, dst: Path) -> ParentFiles:
 
     # the version's own artifact location: a `models:/` URI would be resolved against the process's global registry
     location = MlflowClient(uri, registry_uri=uri).get_model_version_download_uri(name, version)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dst), tracking_uri=uri))
     try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dst), tracking_uri=uri))
         artifacts = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]["artifacts"]
         return ParentFiles(*(local / artifacts[key]["path"] for key in ("weights", "model_config", "tokenizer")))
-    except (OSError, KeyError, TypeError) as exc:
+    except (OSError, KeyError, TypeError, mlflow.exceptions.MlflowException) as exc:
         raise LineageError(f"models:/{name}/{version} is not a model this pipeline registered (no weights, "
                            f"model_config and tokenizer artifacts: {exc}); choose another version") from None
 
