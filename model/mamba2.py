@@ -34,7 +34,9 @@ def segsum(x: torch.Tensor) -> torch.Tensor:
     """x (..., T) -> (..., T, T) with out[i, j] = x[j+1] + ... + x[i] for j <= i, and -inf above the diagonal.
 
     exp(out) is then the decay from step j to step i. Summing masked copies, rather than differencing one
-    cumsum, avoids subtracting two large numbers (the paper's numerically stable variant).
+    cumsum, avoids subtracting two large numbers (the paper's numerically stable variant). The scan uses it
+    across chunks, where T is the number of chunks + 1; within a chunk `_decay_within` gets the same
+    accuracy at a fraction of the cost.
     """
     T = x.size(-1)
     x = x[..., None].expand(*x.shape, T)  # [..., i, j] = x[i]
@@ -45,51 +47,162 @@ def segsum(x: torch.Tensor) -> torch.Tensor:
 
 
 def ssd_scan(x, a, b, c, chunk_size: int, initial_state=None):
-    """Chunked SSD. x (B, L, H, P) already scaled by dt; a (B, L, H) = dt * A; b, c (B, L, N), shared by all
-    heads (one group). Returns y (B, L, H, P) and the final state (B, H, P, N).
+    """Chunked SSD. x (B, L, H, P) already scaled by dt; a (B, L, H) = dt * A <= 0; b, c (B, L, N), shared by
+    all heads (one group). Returns y (B, L, H, P) and the final state (B, H, P, N).
 
     L need not be a multiple of chunk_size: the tail is padded with a = 0 (no decay) and x = 0 (no
-    input), which leaves both the real outputs and the final state unchanged.
+    input), which leaves both the real outputs and the final state unchanged. The per-step decays are
+    prepared here, under autograd (they are small: one number per step and head); the large tensors go
+    through `_ChunkedScan`, whose backward is written out.
     """
-    Bsz, L, H, P = x.shape
-    pad = (-L) % chunk_size
-    if pad:
-        x = F.pad(x, (0, 0, 0, 0, 0, pad))
-        a = F.pad(a, (0, 0, 0, pad))
-        b = F.pad(b, (0, 0, 0, pad))
-        c = F.pad(c, (0, 0, 0, pad))
-    n_chunks = (L + pad) // chunk_size
-    x = x.view(Bsz, n_chunks, chunk_size, H, P)
-    b = b.view(Bsz, n_chunks, chunk_size, -1)
-    c = c.view(Bsz, n_chunks, chunk_size, -1)
-    a = a.view(Bsz, n_chunks, chunk_size, H).permute(0, 3, 1, 2)  # (B, H, chunks, l)
-    a_cumsum = a.cumsum(dim=-1)
+    # Under bf16 autocast the matmuls would otherwise run in bf16, losing what the float32 decays keep.
+    with torch.autocast(x.device.type, enabled=False):
+        Bsz, L, H, P = x.shape
+        pad = (-L) % chunk_size
+        if pad:
+            x = F.pad(x, (0, 0, 0, 0, 0, pad))
+            a = F.pad(a, (0, 0, 0, pad))
+            b = F.pad(b, (0, 0, 0, pad))
+            c = F.pad(c, (0, 0, 0, pad))
+        Q, n_chunks, N = chunk_size, (L + pad) // chunk_size, b.size(-1)
+        # A float64 cumsum: the decays below are differences of it (see _decay_within).
+        cs = a.reshape(Bsz, n_chunks, Q, H).double().cumsum(dim=2)
+        to_end = torch.exp(cs[:, :, -1:] - cs).to(x.dtype)  # decay from each step to its chunk's end
+        from_start = torch.exp(cs).to(x.dtype)  # decay from its chunk's start to each step
+        # across[z, j]: from the end of chunk j - 1 to the start of chunk z; column 0 is the initial state.
+        across = torch.exp(segsum(F.pad(cs[:, :, -1].transpose(1, 2), (1, 0)))).to(x.dtype)
+        y, final_state = _ChunkedScan.apply(
+            x.reshape(Bsz, n_chunks, Q, H, P), b.reshape(Bsz * n_chunks, Q, N), c.reshape(Bsz * n_chunks, Q, N),
+            cs.transpose(2, 3).contiguous(), to_end, from_start, across, initial_state,
+        )
+        y = y.view(Bsz, n_chunks * Q, H, P)
+        return (y[:, :L] if pad else y), final_state
 
-    # 1. Within each chunk: outputs from the chunk's own inputs, an attention-like masked matmul
-    #    where the "attention" weight of s on l is (C_l . B_s) times the decay from s to l.
-    decay = torch.exp(segsum(a))  # (B, H, chunks, l, s)
-    scores = c @ b.transpose(-1, -2)  # (B, chunks, l, s)
-    y_diag = torch.einsum("bhcls,bcshp->bclhp", scores[:, None] * decay, x)
 
-    # 2. The state each chunk leaves behind from its own inputs, decayed to the chunk's end.
-    decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)  # (B, H, chunks, l)
-    states = torch.einsum("bcln,bhcl,bclhp->bchpn", b, decay_to_end, x)
+def _decay_within(cs: torch.Tensor, dtype) -> torch.Tensor:
+    """cs (B, c, H, Q) float64 -> decay (B*c*H, Q, Q) with decay[l, s] = exp(cs[l] - cs[s]) on and below the
+    diagonal (the decay from step s to step l); above it, values in (0, 1] that the causal mask zeroes.
 
-    # 3. Across chunks: a short recurrence over chunk boundaries gives the state entering each chunk.
-    if initial_state is None:
-        initial_state = torch.zeros_like(states[:, :1])
-    else:
-        initial_state = initial_state[:, None]
-    states = torch.cat((initial_state, states), dim=1)  # (B, chunks + 1, H, P, N)
-    chunk_decay = torch.exp(segsum(F.pad(a_cumsum[..., -1], (1, 0))))  # (B, H, chunks + 1, chunks + 1)
-    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
-    states, final_state = states[:, :-1], states[:, -1]
+    The difference of two large, close cumsums is where float32 loses digits. Split into hi + lo parts,
+    cs[l] - cs[s] = (hi[l] - hi[s]) + (lo[l] - lo[s]) keeps float64's accuracy; a rank-4 matmul forms all
+    pairs in one pass over the (Q x Q) output (the products are by 1, the sum runs in this order).
+    """
+    Q = cs.size(-1)
+    hi = cs.to(dtype)
+    lo = (cs - hi.double()).to(dtype)
+    one = torch.ones_like(hi)
+    left = torch.stack((hi, one, lo, one), dim=-1).view(-1, Q, 4)
+    right = torch.stack((one, -hi, one, -lo), dim=-2).view(-1, 4, Q)
+    # a <= 0, so the exponent is <= 0 on and below the diagonal; clamping keeps it there above the
+    # diagonal too (no overflow), and above -87, below which exp is ~30x slower on CPUs (underflow).
+    return torch.bmm(left, right).clamp_(-87.0, 0.0).exp_()
 
-    # 4. The entering state's contribution to each output, decayed to that position.
-    y_off = torch.einsum("bcln,bchpn,bhcl->bclhp", c, states, torch.exp(a_cumsum))
 
-    y = (y_diag + y_off).reshape(Bsz, n_chunks * chunk_size, H, P)[:, :L]
-    return y, final_state
+def _bdot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Dot products over the last dimension of two contiguous tensors, as a batched matmul: one read of
+    each, where (u * v).sum(-1) would first write out the whole product."""
+    P = u.size(-1)
+    return torch.bmm(u.reshape(-1, 1, P), v.reshape(-1, P, 1)).view(u.shape[:-1])
+
+
+def _scale(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """u (..., P) * w (...)[..., None] for contiguous u, through 2-d views (the fast broadcast)."""
+    return (u.reshape(-1, u.size(-1)) * w.reshape(-1, 1)).view(u.shape)
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """The chunked SSD on prepared decays; see `ssd_scan`. Per (batch, chunk), with l, s steps in the chunk:
+
+        y[l] = sum_{s<=l} exp(cs[l] - cs[s]) (C[l] . B[s]) x[s]          (1. within the chunk)
+             + from_start[l] * C[l] . state_in                             (4. from the chunks before)
+        state_out = sum_s to_end[s] x[s] B[s]^T                            (2. what the chunk leaves)
+        state_in(z) = sum_j across[z, j] state_out(j - 1)                   (3. across chunks)
+
+    Every matmul is batched over (batch, chunk) with the heads folded into its rows or columns (B and C
+    are shared by the heads), except 1.'s, whose decay differs per head. Autograd's version of this
+    writes out every intermediate product and its gradient; the backward here reuses buffers, reduces
+    with batched dot products, and takes the gradient of the exponent in 1. from gM * M.
+    """
+
+    @staticmethod
+    def forward(ctx, x, b, c, cs, to_end, from_start, across, s0):
+        Bsz, n_chunks, Q, H, P = x.shape
+        x = x.contiguous()
+        g = torch.bmm(c, b.transpose(1, 2)).masked_fill_(_above_diagonal(Q, x.device), 0)  # C B^T
+        xh = x.transpose(2, 3).contiguous()  # (B, c, H, Q, P): per-head blocks for 1.
+        decay = _decay_within(cs, x.dtype)
+        m = decay.view(-1, H, Q, Q) * g[:, None]
+        xw = _scale(x, to_end).view(Bsz * n_chunks, Q, H * P)
+        s_h, s_in, final_state = _pass_states(torch.bmm(xw.transpose(1, 2), b), across, s0, H)
+        y_off = torch.bmm(c, s_in.transpose(1, 2))  # (B*c, Q, H*P)
+        y = _scale(y_off.view(x.shape), from_start)
+        y.add_(torch.bmm(m.view(-1, Q, Q), xh.view(-1, Q, P)).view(xh.shape).transpose(2, 3))
+        ctx.save_for_backward(x, b, c, xh, decay, m, g, xw, s_h, s_in, y_off, to_end, from_start, across, s0)
+        return y, final_state
+
+    @staticmethod
+    def backward(ctx, gy, g_final):
+        x, b, c, xh, decay, m, g, xw, s_h, s_in, y_off, to_end, from_start, across, s0 = ctx.saved_tensors
+        Bsz, n_chunks, Q, H, P = x.shape
+        gy = gy.contiguous()
+        # 4. from the chunks before
+        g_from_start = _bdot(gy, y_off)
+        gy_off = _scale(gy, from_start).view(Bsz * n_chunks, Q, H * P)
+        g_c = torch.bmm(gy_off, s_in)
+        g_s, g_across, g_s0 = _pass_states_backward(torch.bmm(gy_off.transpose(1, 2), c), g_final, s_h, across, s0)
+        # 2. what each chunk leaves
+        g_xw = torch.bmm(b, g_s.transpose(1, 2)).view(x.shape)
+        g_b = torch.bmm(xw, g_s)
+        g_to_end = _bdot(g_xw, x)
+        g_x = _scale(g_xw, to_end)
+        # 1. within each chunk
+        gyh = gy.transpose(2, 3).contiguous().view(-1, Q, P)
+        g_x.add_(torch.bmm(m.view(-1, Q, Q).transpose(1, 2), gyh).view(xh.shape).transpose(2, 3))
+        gm = torch.bmm(gyh, xh.view(-1, Q, P).transpose(1, 2)).view(-1, H, Q, Q)
+        g_g = gm.mul_(decay.view(gm.shape)).sum(1)  # G is shared by the heads
+        gm.mul_(g[:, None])  # now the gradient of the exponent cs[l] - cs[s]: gM * M
+        g_cs = (gm.sum(-1) - gm.sum(-2)).view(Bsz, n_chunks, H, Q).double()
+        g_g.masked_fill_(_above_diagonal(Q, x.device), 0)
+        g_c.baddbmm_(g_g, b)
+        g_b.baddbmm_(g_g.transpose(1, 2), c)
+        return g_x, g_b, g_c, g_cs, g_to_end, g_from_start, g_across, g_s0
+
+
+def _above_diagonal(Q: int, device) -> torch.Tensor:
+    return torch.ones(Q, Q, dtype=torch.bool, device=device).triu(1)
+
+
+def _pass_states(states, across, s0, H: int):
+    """states (B*c, H*P, N), each chunk's own; across (B, H, c+1, c+1); s0 (B, H, P, N) or None.
+    Returns the states in per-head layout (kept for the backward), the state entering each chunk
+    (B*c, H*P, N) and the final state (B, H, P, N): one small matmul per (batch, head)."""
+    Bsz, n_chunks = across.size(0), across.size(2) - 1
+    HP, N = states.shape[1:]
+    s_h = states.view(Bsz, n_chunks, H, -1).transpose(1, 2).reshape(Bsz * H, n_chunks, -1)
+    out = torch.bmm(across[..., 1:].reshape(Bsz * H, n_chunks + 1, n_chunks), s_h).view(Bsz, H, n_chunks + 1, -1)
+    if s0 is not None:
+        out.add_(across[..., :1] * s0.reshape(Bsz, H, 1, -1))
+    final_state = out[:, :, -1].reshape(Bsz, H, HP // H, N)
+    s_in = out[:, :, :-1].transpose(1, 2).reshape(Bsz * n_chunks, HP, N)
+    return s_h, s_in, final_state
+
+
+def _pass_states_backward(g_s_in, g_final, s_h, across, s0):
+    Bsz, H, n_chunks = across.size(0), across.size(1), across.size(2) - 1
+    HP, N = g_s_in.shape[1:]
+    g_out = torch.empty(Bsz, H, n_chunks + 1, HP // H * N, dtype=g_s_in.dtype, device=g_s_in.device)
+    g_out[:, :, :-1] = g_s_in.view(Bsz, n_chunks, H, -1).transpose(1, 2)
+    g_out[:, :, -1] = g_final.reshape(Bsz, H, -1)
+    g_out = g_out.view(Bsz * H, n_chunks + 1, -1)
+    g_across = torch.zeros_like(across)
+    g_across[..., 1:] = torch.bmm(g_out, s_h.transpose(1, 2)).view(Bsz, H, n_chunks + 1, n_chunks)
+    g_s = torch.bmm(across[..., 1:].reshape(Bsz * H, n_chunks + 1, n_chunks).transpose(1, 2), g_out)
+    g_s = g_s.view(Bsz, H, n_chunks, -1).transpose(1, 2).reshape(Bsz * n_chunks, HP, N)
+    g_s0 = None
+    if s0 is not None:
+        g_across[..., 0] = torch.bmm(g_out, s0.reshape(Bsz * H, -1, 1)).view(Bsz, H, n_chunks + 1)
+        g_s0 = torch.bmm(across[..., :1].reshape(Bsz * H, 1, n_chunks + 1), g_out).view(s0.shape)
+    return g_s, g_across, g_s0
 
 
 # -----------------------------------------------------------------------------
@@ -143,7 +256,7 @@ class Mamba2Mixer(nn.Module):
         if state is not None:
             window = F.pad(xbc.transpose(1, 2), (max(0, self.conv1d.kernel_size[0] - T), 0))
             state.conv[self.layer] = window[..., -self.conv1d.kernel_size[0] :].contiguous()
-        xbc = F.silu(self.conv1d(xbc.transpose(1, 2))[..., :T].transpose(1, 2))
+        xbc = F.silu(self._causal_conv(xbc))
         x, b, c = xbc.split((self.d_inner, self.d_state, self.d_state), dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias)  # (B, T, H)
         if keep is not None:
@@ -153,8 +266,21 @@ class Mamba2Mixer(nn.Module):
         y, final_state = ssd_scan(x * dt[..., None], A * dt, b.float(), c.float(), self.chunk_size)
         if state is not None:
             state.ssm[self.layer] = final_state
-        y = y + x * self.D.float()[:, None]
+        y = torch.addcmul(y, x, self.D.float()[:, None])
         return self._gated_out(y.reshape(Bsz, T, self.d_inner), z)
+
+    def _causal_conv(self, xbc):
+        """The depthwise causal conv1d over time, (B, T, C) -> (B, T, C), with self.conv1d's parameters.
+
+        Run as a 2-d convolution on a channels-last view, which is what (B, T, C) already is: the oneDNN
+        kernel then reads and writes this layout directly, where nn.Conv1d on (B, C, T) would copy the
+        input, the output and both gradients between the layouts (measured: half the time of that path).
+        """
+        k = self.conv1d.kernel_size[0]
+        xbc = F.pad(xbc, (0, 0, k - 1, 0))  # causal: k - 1 zeros before the first step, none after
+        w = self.conv1d.weight.unsqueeze(2)  # (C, 1, 1, k)
+        out = F.conv2d(xbc.transpose(1, 2).unsqueeze(2), w, self.conv1d.bias, groups=self.conv_dim)
+        return out.squeeze(2).transpose(1, 2)
 
     def step(self, u, state: Mamba2State):
         """One token: u (B, n_embd) -> (B, n_embd), advancing this layer's conv window and SSM state."""
