@@ -46,41 +46,40 @@ def segsum(x: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~lower, float("-inf"))
 
 
-def ssd_scan(x, a, b, c, chunk_size: int, initial_state=None):
+def ssd_scan(x, a, b, c, chunk_size: int, initial_state=None, dt=None, D=None):
     """Chunked SSD. x (B, L, H, P) already scaled by dt; a (B, L, H) = dt * A <= 0; b, c (B, L, N), shared by
     all heads (one group). Returns y (B, L, H, P) and the final state (B, H, P, N).
 
-    L need not be a multiple of chunk_size: the tail is padded with a = 0 (no decay) and x = 0 (no
-    input), which leaves both the real outputs and the final state unchanged. The per-step decays are
-    prepared here, under autograd (they are small: one number per step and head); the large tensors go
-    through `_ChunkedScan`, whose backward is written out.
+    With dt (B, L, H) given, x is the unscaled input and the scan scales it itself, in passes it makes
+    anyway; with D (H,) given, y includes the skip D * x. L need not be a multiple of chunk_size: the tail
+    is padded with a = 0 (no decay) and x = 0 (no input), which leaves both the real outputs and the final
+    state unchanged. The per-step decays are prepared here under autograd (one number per step and head);
+    the large tensors go through `_ChunkedScan`, whose backward is written out.
     """
     # Under bf16 autocast the matmuls would otherwise run in bf16, losing what the float32 decays keep.
     with torch.autocast(x.device.type, enabled=False):
         Bsz, L, H, P = x.shape
         pad = (-L) % chunk_size
         if pad:
-            x = F.pad(x, (0, 0, 0, 0, 0, pad))
-            a = F.pad(a, (0, 0, 0, pad))
-            b = F.pad(b, (0, 0, 0, pad))
-            c = F.pad(c, (0, 0, 0, pad))
-        Q, n_chunks, N = chunk_size, (L + pad) // chunk_size, b.size(-1)
+            x, a, b, c = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, a, b, c))
+            dt = F.pad(dt, (0, 0, 0, pad)) if dt is not None else None
+        Q, n_chunks = chunk_size, (L + pad) // chunk_size
         # A float64 cumsum: the decays below are differences of it (see _decay_within).
         cs = a.reshape(Bsz, n_chunks, Q, H).double().cumsum(dim=2)
         to_end = torch.exp(cs[:, :, -1:] - cs).to(x.dtype)  # decay from each step to its chunk's end
         from_start = torch.exp(cs).to(x.dtype)  # decay from its chunk's start to each step
         # across[z, j]: from the end of chunk j - 1 to the start of chunk z; column 0 is the initial state.
         across = torch.exp(segsum(F.pad(cs[:, :, -1].transpose(1, 2), (1, 0)))).to(x.dtype)
+        x, dt, b, c = (None if t is None else t.reshape(Bsz, n_chunks, Q, *t.shape[2:]) for t in (x, dt, b, c))
         y, final_state = _ChunkedScan.apply(
-            x.reshape(Bsz, n_chunks, Q, H, P), b.reshape(Bsz * n_chunks, Q, N), c.reshape(Bsz * n_chunks, Q, N),
-            cs.transpose(2, 3).contiguous(), to_end, from_start, across, initial_state,
+            x, dt, D, b, c, cs.permute(1, 0, 3, 2).contiguous(), to_end, from_start, across, initial_state
         )
         y = y.view(Bsz, n_chunks * Q, H, P)
         return (y[:, :L] if pad else y), final_state
 
 
 def _decay_within(cs: torch.Tensor, dtype) -> torch.Tensor:
-    """cs (B, c, H, Q) float64 -> decay (B*c*H, Q, Q) with decay[l, s] = exp(cs[l] - cs[s]) on and below the
+    """cs (..., Q) float64 -> decay (-1, Q, Q) with decay[l, s] = exp(cs[l] - cs[s]) on and below the
     diagonal (the decay from step s to step l); above it, values in (0, 1] that the causal mask zeroes.
 
     The difference of two large, close cumsums is where float32 loses digits. Split into hi + lo parts,
@@ -98,16 +97,16 @@ def _decay_within(cs: torch.Tensor, dtype) -> torch.Tensor:
     return torch.bmm(left, right).clamp_(-87.0, 0.0).exp_()
 
 
-def _bdot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Dot products over the last dimension of two contiguous tensors, as a batched matmul: one read of
-    each, where (u * v).sum(-1) would first write out the whole product."""
-    P = u.size(-1)
-    return torch.bmm(u.reshape(-1, 1, P), v.reshape(-1, P, 1)).view(u.shape[:-1])
+def _into(shape, like, op, *args) -> torch.Tensor:
+    """op(*args) written into a new contiguous tensor of `shape`: one pass whatever the inputs' layouts."""
+    out = torch.empty(shape, dtype=like.dtype, device=like.device)
+    op(*args, out=out)
+    return out
 
 
-def _scale(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """u (..., P) * w (...)[..., None] for contiguous u, through 2-d views (the fast broadcast)."""
-    return (u.reshape(-1, u.size(-1)) * w.reshape(-1, 1)).view(u.shape)
+def _chunk_major(t: torch.Tensor) -> torch.Tensor:
+    """(B, c, ...) -> (c, B, ...) contiguous, flattened to (c*B, ...)."""
+    return t.transpose(0, 1).reshape(-1, *t.shape[2:])
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -118,91 +117,117 @@ class _ChunkedScan(torch.autograd.Function):
         state_out = sum_s to_end[s] x[s] B[s]^T                            (2. what the chunk leaves)
         state_in(z) = sum_j across[z, j] state_out(j - 1)                   (3. across chunks)
 
-    Every matmul is batched over (batch, chunk) with the heads folded into its rows or columns (B and C
-    are shared by the heads), except 1.'s, whose decay differs per head. Autograd's version of this
-    writes out every intermediate product and its gradient; the backward here reuses buffers, reduces
-    with batched dot products, and takes the gradient of the exponent in 1. from gM * M.
+    Every matmul is batched over (chunk, batch) with the heads folded into its rows or columns (B and C
+    are shared by the heads), except 1.'s, whose decay differs per head. Inside, tensors are chunk-major,
+    (c, B, ...): then each head's states across chunks are one strided matrix and 3. needs no copies.
+    Autograd's version of all this writes out every intermediate product and its gradient; the backward
+    here reuses buffers, reduces with dot products, and takes the gradient of the exponent in 1. from
+    gM * M (d exp(u) / du = exp(u)).
     """
 
     @staticmethod
-    def forward(ctx, x, b, c, cs, to_end, from_start, across, s0):
+    def forward(ctx, x, dt, D, b, c, cs, to_end, from_start, across, s0):
         Bsz, n_chunks, Q, H, P = x.shape
-        x = x.contiguous()
+        b, c = _chunk_major(b), _chunk_major(c)  # (c*B, Q, N)
+        w = to_end if dt is None else dt * to_end
+        xw = _into((n_chunks, Bsz, Q, H, P), x, torch.mul, x.transpose(0, 1), w.transpose(0, 1)[..., None])
+        states, s_in, final_state = _pass_states(torch.bmm(xw.view(-1, Q, H * P).transpose(1, 2), b), across, s0)
+        y_off = torch.bmm(c, s_in.transpose(1, 2)).view(n_chunks, Bsz, Q, H, P)
+        y = _into(x.shape, x, torch.mul, y_off.transpose(0, 1), from_start[..., None])
         g = torch.bmm(c, b.transpose(1, 2)).masked_fill_(_above_diagonal(Q, x.device), 0)  # C B^T
-        xh = x.transpose(2, 3).contiguous()  # (B, c, H, Q, P): per-head blocks for 1.
+        xh = x.permute(1, 0, 3, 2, 4)  # (c, B, H, Q, P): per-head blocks for 1.
+        xh = xh.contiguous() if dt is None else _into(xh.shape, x, torch.mul, xh, dt.permute(1, 0, 3, 2)[..., None])
         decay = _decay_within(cs, x.dtype)
         m = decay.view(-1, H, Q, Q) * g[:, None]
-        xw = _scale(x, to_end).view(Bsz * n_chunks, Q, H * P)
-        s_h, s_in, final_state = _pass_states(torch.bmm(xw.transpose(1, 2), b), across, s0, H)
-        y_off = torch.bmm(c, s_in.transpose(1, 2))  # (B*c, Q, H*P)
-        y = _scale(y_off.view(x.shape), from_start)
-        y.add_(torch.bmm(m.view(-1, Q, Q), xh.view(-1, Q, P)).view(xh.shape).transpose(2, 3))
-        ctx.save_for_backward(x, b, c, xh, decay, m, g, xw, s_h, s_in, y_off, to_end, from_start, across, s0)
+        y.add_(torch.bmm(m.view(-1, Q, Q), xh.view(-1, Q, P)).view(xh.shape).permute(1, 0, 3, 2, 4))
+        if D is not None:
+            y.addcmul_(x, D[:, None])
+        ctx.save_for_backward(x, dt, D, b, c, xh, decay, m, g, xw, states, s_in, y_off, to_end, from_start, across, s0)
         return y, final_state
 
     @staticmethod
     def backward(ctx, gy, g_final):
-        x, b, c, xh, decay, m, g, xw, s_h, s_in, y_off, to_end, from_start, across, s0 = ctx.saved_tensors
+        x, dt, D, b, c, xh, decay, m, g, xw, states, s_in, y_off, to_end, from_start, across, s0 = ctx.saved_tensors
         Bsz, n_chunks, Q, H, P = x.shape
         gy = gy.contiguous()
         # 4. from the chunks before
-        g_from_start = _bdot(gy, y_off)
-        gy_off = _scale(gy, from_start).view(Bsz * n_chunks, Q, H * P)
+        g_from_start = torch.linalg.vecdot(gy, y_off.transpose(0, 1))
+        gy_off = _into(y_off.shape, x, torch.mul, gy.transpose(0, 1), from_start.transpose(0, 1)[..., None])
+        gy_off = gy_off.view(-1, Q, H * P)
         g_c = torch.bmm(gy_off, s_in)
-        g_s, g_across, g_s0 = _pass_states_backward(torch.bmm(gy_off.transpose(1, 2), c), g_final, s_h, across, s0)
+        g_states, g_across, g_s0 = _pass_states_backward(gy_off, c, g_final, states, across, s0)
         # 2. what each chunk leaves
-        g_xw = torch.bmm(b, g_s.transpose(1, 2)).view(x.shape)
-        g_b = torch.bmm(xw, g_s)
-        g_to_end = _bdot(g_xw, x)
-        g_x = _scale(g_xw, to_end)
+        g_xw = torch.bmm(b, g_states.transpose(1, 2)).view(xw.shape).transpose(0, 1)
+        g_b = torch.bmm(xw.view(-1, Q, H * P), g_states)
+        g_w = torch.linalg.vecdot(g_xw, x)  # by w (= to_end, or dt * to_end)
+        g_xs = _into(x.shape, x, torch.mul, g_xw, to_end[..., None])  # by the dt-scaled x
         # 1. within each chunk
-        gyh = gy.transpose(2, 3).contiguous().view(-1, Q, P)
-        g_x.add_(torch.bmm(m.view(-1, Q, Q).transpose(1, 2), gyh).view(xh.shape).transpose(2, 3))
-        gm = torch.bmm(gyh, xh.view(-1, Q, P).transpose(1, 2)).view(-1, H, Q, Q)
-        g_g = gm.mul_(decay.view(gm.shape)).sum(1)  # G is shared by the heads
-        gm.mul_(g[:, None])  # now the gradient of the exponent cs[l] - cs[s]: gM * M
-        g_cs = (gm.sum(-1) - gm.sum(-2)).view(Bsz, n_chunks, H, Q).double()
-        g_g.masked_fill_(_above_diagonal(Q, x.device), 0)
+        g_g, g_cs = _within_backward(gy, xh, decay, m, g, g_xs)
         g_c.baddbmm_(g_g, b)
         g_b.baddbmm_(g_g.transpose(1, 2), c)
-        return g_x, g_b, g_c, g_cs, g_to_end, g_from_start, g_across, g_s0
+        g_b, g_c = (t.view(n_chunks, Bsz, Q, -1).transpose(0, 1) for t in (g_b, g_c))
+        g_D = None if D is None else torch.linalg.vecdot(gy, x).sum((0, 1, 2))
+        if dt is None:
+            g_dt, g_to_end, g_x = None, g_w, g_xs
+        else:
+            g_dt, g_to_end = torch.linalg.vecdot(g_xs, x), g_w * dt  # g_xs holds both paths' gradients
+            g_x = g_xs.mul_(dt[..., None])
+        if D is not None:
+            g_x.addcmul_(gy, D[:, None])
+        return g_x, g_dt, g_D, g_b, g_c, g_cs, g_to_end, g_from_start, g_across, g_s0
+
+
+def _within_backward(gy, xh, decay, m, g, g_xs):
+    """Backward of 1.: adds the gradient by x (dt-scaled) into g_xs; returns those by G and by cs."""
+    n_chunks, Bsz, H, Q, P = xh.shape
+    gyh = gy.permute(1, 0, 3, 2, 4).contiguous().view(-1, Q, P)
+    g_xs.add_(torch.bmm(m.view(-1, Q, Q).transpose(1, 2), gyh).view(xh.shape).permute(1, 0, 3, 2, 4))
+    gm = torch.bmm(gyh, xh.view(-1, Q, P).transpose(1, 2)).view(-1, H, Q, Q)
+    g_g = gm.mul_(decay.view(gm.shape)).sum(1)  # G is shared by the heads
+    gm.mul_(g[:, None])  # now the gradient of the exponent cs[l] - cs[s]: gM * M
+    g_cs = (gm.sum(-1) - gm.sum(-2)).view(n_chunks, Bsz, H, Q).double()
+    return g_g.masked_fill_(_above_diagonal(Q, g.device), 0), g_cs
 
 
 def _above_diagonal(Q: int, device) -> torch.Tensor:
     return torch.ones(Q, Q, dtype=torch.bool, device=device).triu(1)
 
 
-def _pass_states(states, across, s0, H: int):
-    """states (B*c, H*P, N), each chunk's own; across (B, H, c+1, c+1); s0 (B, H, P, N) or None.
-    Returns the states in per-head layout (kept for the backward), the state entering each chunk
-    (B*c, H*P, N) and the final state (B, H, P, N): one small matmul per (batch, head)."""
-    Bsz, n_chunks = across.size(0), across.size(2) - 1
-    HP, N = states.shape[1:]
-    s_h = states.view(Bsz, n_chunks, H, -1).transpose(1, 2).reshape(Bsz * H, n_chunks, -1)
-    out = torch.bmm(across[..., 1:].reshape(Bsz * H, n_chunks + 1, n_chunks), s_h).view(Bsz, H, n_chunks + 1, -1)
-    if s0 is not None:
-        out.add_(across[..., :1] * s0.reshape(Bsz, H, 1, -1))
-    final_state = out[:, :, -1].reshape(Bsz, H, HP // H, N)
-    s_in = out[:, :, :-1].transpose(1, 2).reshape(Bsz * n_chunks, HP, N)
-    return s_h, s_in, final_state
-
-
-def _pass_states_backward(g_s_in, g_final, s_h, across, s0):
+def _pass_states(states, across, s0):
+    """3.: states (c*B, H*P, N), each chunk's own, chunk-major; across (B, H, c+1, c+1); s0 (B, H, P, N) or
+    None. Returns states, the state entering each chunk (c*B, H*P, N) and the final state (B, H, P, N).
+    In chunk-major layout each (batch, head)'s states over the chunks are one strided matrix, so this is
+    one batched matmul reading and writing in place."""
     Bsz, H, n_chunks = across.size(0), across.size(1), across.size(2) - 1
-    HP, N = g_s_in.shape[1:]
-    g_out = torch.empty(Bsz, H, n_chunks + 1, HP // H * N, dtype=g_s_in.dtype, device=g_s_in.device)
-    g_out[:, :, :-1] = g_s_in.view(Bsz, n_chunks, H, -1).transpose(1, 2)
-    g_out[:, :, -1] = g_final.reshape(Bsz, H, -1)
-    g_out = g_out.view(Bsz * H, n_chunks + 1, -1)
+    HP, N = states.shape[1:]
+    out = torch.empty(n_chunks + 1, Bsz * H, HP // H * N, dtype=states.dtype, device=states.device)
+    per_head = states.view(n_chunks, Bsz * H, -1).transpose(0, 1)  # (B*H, c, P*N)
+    torch.bmm(across[..., 1:].reshape(Bsz * H, n_chunks + 1, n_chunks), per_head, out=out.transpose(0, 1))
+    if s0 is not None:
+        out.add_(across[..., 0].reshape(Bsz * H, n_chunks + 1).T[..., None] * s0.reshape(1, Bsz * H, -1))
+    return states, out[:-1].view(n_chunks * Bsz, HP, N), out[-1].view(Bsz, H, HP // H, N).clone()
+
+
+def _pass_states_backward(gy_off, c, g_final, states, across, s0):
+    """Backward of 3. (and of 4.'s matmul by the entering states): returns the gradients by the chunks'
+    own states (c*B, H*P, N), by across and by s0."""
+    Bsz, H, n_chunks = across.size(0), across.size(1), across.size(2) - 1
+    HP, N = states.shape[1:]
+    g_out = torch.empty(n_chunks + 1, Bsz * H, HP // H * N, dtype=states.dtype, device=states.device)
+    torch.bmm(gy_off.transpose(1, 2), c, out=g_out[:-1].view(-1, HP, N))
+    g_out[-1] = g_final.reshape(Bsz * H, -1)
+    g_out = g_out.transpose(0, 1)  # (B*H, c+1, P*N)
     g_across = torch.zeros_like(across)
-    g_across[..., 1:] = torch.bmm(g_out, s_h.transpose(1, 2)).view(Bsz, H, n_chunks + 1, n_chunks)
-    g_s = torch.bmm(across[..., 1:].reshape(Bsz * H, n_chunks + 1, n_chunks).transpose(1, 2), g_out)
-    g_s = g_s.view(Bsz, H, n_chunks, -1).transpose(1, 2).reshape(Bsz * n_chunks, HP, N)
+    per_head = states.view(n_chunks, Bsz * H, -1).transpose(0, 1)
+    g_across[..., 1:] = torch.bmm(g_out, per_head.transpose(1, 2)).view(Bsz, H, n_chunks + 1, n_chunks)
+    g_states = torch.empty_like(states)
+    a1 = across[..., 1:].reshape(Bsz * H, n_chunks + 1, n_chunks)
+    torch.bmm(a1.transpose(1, 2), g_out, out=g_states.view(n_chunks, Bsz * H, -1).transpose(0, 1))
     g_s0 = None
     if s0 is not None:
         g_across[..., 0] = torch.bmm(g_out, s0.reshape(Bsz * H, -1, 1)).view(Bsz, H, n_chunks + 1)
         g_s0 = torch.bmm(across[..., :1].reshape(Bsz * H, 1, n_chunks + 1), g_out).view(s0.shape)
-    return g_s, g_across, g_s0
+    return g_states, g_across, g_s0
 
 
 # -----------------------------------------------------------------------------
@@ -263,10 +288,9 @@ class Mamba2Mixer(nn.Module):
             dt = dt * keep
         A = -torch.exp(self.A_log.float())
         x = x.float().view(Bsz, T, self.n_heads, self.headdim)
-        y, final_state = ssd_scan(x * dt[..., None], A * dt, b.float(), c.float(), self.chunk_size)
+        y, final_state = ssd_scan(x, A * dt, b.float(), c.float(), self.chunk_size, dt=dt, D=self.D.float())
         if state is not None:
             state.ssm[self.layer] = final_state
-        y = torch.addcmul(y, x, self.D.float()[:, None])
         return self._gated_out(y.reshape(Bsz, T, self.d_inner), z)
 
     def _causal_conv(self, xbc):
