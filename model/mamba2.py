@@ -7,8 +7,12 @@ Each layer keeps, per head, a (headdim x d_state) state h that every token decay
 A is one negative scalar per head; dt_t, B_t and C_t are computed from the input ("selective"). Training
 uses the chunked SSD algorithm (`ssd_scan`, the paper's ssd_minimal): within a chunk the recurrence is
 unrolled into a masked, attention-like matmul; across chunks only the states are carried. That is all
-matmuls and cumsums, so it runs anywhere; no Triton/CUDA kernels. Generation runs the recurrence one
-token at a time (`Mamba2Mixer.step`) with a constant-size state, so there is no context limit.
+matmuls and cumsums, so it runs anywhere; no Triton/CUDA kernels. On a CPU the matmuls are the cheap
+part: the scan and the gated norm are autograd Functions with written-out backward passes, because
+autograd's versions spend more time writing out intermediate tensors than the arithmetic takes
+(tests/test_mamba2_scan.py holds them to the sequential recurrence and to autograd's gradients).
+Generation runs the recurrence one token at a time (`Mamba2Mixer.step`) with a constant-size state, so
+there is no context limit.
 
 There is no positional encoding: the recurrence is ordered by construction. The scan runs in fp32 even
 under bf16 autocast, because products of many decays lose too much in bf16.
