@@ -18,6 +18,7 @@ There is no positional encoding: the recurrence is ordered by construction. The 
 under bf16 autocast, because products of many decays lose too much in bf16.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -61,7 +62,8 @@ def ssd_scan(x, a, b, c, chunk_size: int, initial_state=None, dt=None, D=None):
     the large tensors go through `_ChunkedScan`, whose backward is written out.
     """
     # Under bf16 autocast the matmuls would otherwise run in bf16, losing what the float32 decays keep.
-    with torch.autocast(x.device.type, enabled=False):
+    # (The meta device, where model/profile.py measures activations, has no autocast to switch off.)
+    with torch.autocast(x.device.type, enabled=False) if x.device.type != "meta" else contextlib.nullcontext():
         Bsz, L, H, P = x.shape
         pad = (-L) % chunk_size
         if pad:

@@ -56,7 +56,10 @@ def train_stage(cfg: TrainConfig, out_dir: Path, log: logging.Logger, *, tokeniz
         save_model(model, str(weights))
     write_json(out_dir / MODEL_CONFIG, summary["model_config"])
     samples = [SAMPLES] if (out_dir / SAMPLES).is_file() else []
-    return {**summary, **start.record(), "files": describe_files(out_dir, [WEIGHTS, MODEL_CONFIG, PROFILE, *samples])}
+    # The weights and their config are what later stages read, so they alone are `files` (the fingerprint): the
+    # profile and the checkpoint samples are reports, and a champion handed on unchanged (`_reused`) has none.
+    return {**summary, **start.record(), "files": describe_files(out_dir, [WEIGHTS, MODEL_CONFIG]),
+            "reports": describe_files(out_dir, [PROFILE, *samples])}
 
 
 def _reused(start: Any, out_dir: Path) -> dict[str, Any]:

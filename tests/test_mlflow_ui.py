@@ -57,12 +57,15 @@ def test_the_ui_api_serves_curves_stage_figures_tables_plots_the_alias_and_the_c
     aliases = ui.ajax(base, "registered-models/get", name=store["model_name"])["registered_model"]["aliases"]
     assert {"alias": "champion", "version": store["champion"]} in aliases
     version = ui.ajax(base, "model-versions/get", name=store["model_name"], version=store["champion"])
-    card = version["model_version"]["description"]
+    description = version["model_version"]["description"]
+    card, lineage = description.split("\n\n## Lineage and champion gate\n", 1)  # the gate's section follows the card
+    assert "champion gate on val_bpb" in lineage
     assert card.startswith(f"# {store['model_name']}: ") and " bits per byte, gpt, " in card.splitlines()[0]
     assert "## Intended use" in card and "## Energy" in card
-    assert ui.artifact(base, version["model_version"]["run_id"], "README.md").decode() == card
+    assert ui.artifact(base, version["model_version"]["run_id"], "README.md").decode().rstrip("\n") == card.rstrip("\n")
     model_id = version["model_version"]["source"].removeprefix("models:/")
-    assert (Path(store["artifacts"]) / "models" / model_id / "artifacts" / "README.md").read_text() == card
+    assert (Path(store["artifacts"]) / "models" / model_id / "artifacts" / "README.md").read_text().rstrip("\n") == \
+        card.rstrip("\n")
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (`make setup` installs it)")

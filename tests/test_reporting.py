@@ -49,7 +49,9 @@ def test_checkpoint_samples_are_written_per_step_greedy_and_at_the_configured_te
     assert [(r["step"], r["mode"], r["temperature"]) for r in rows] == [
         (3, "greedy", 0.0), (3, "sampled", 0.5), (6, "greedy", 0.0), (6, "sampled", 0.5)]
     assert all(r["text"].startswith("once upon a time") for r in rows)
-    assert "samples.jsonl" in lineage["train"].manifest["files"]  # part of the artifact, so of its fingerprint
+    manifest = lineage["train"].manifest
+    assert "samples.jsonl" in manifest["reports"] and "samples.jsonl" not in manifest["files"]  # a report: checksummed,
+    # but not what later stages read, so not in the fingerprint
 
 
 def test_every_stage_records_its_time_and_the_compute_stages_their_energy(lineage):
