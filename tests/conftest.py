@@ -52,3 +52,12 @@ def tiny_overrides(artifacts: Path, corpus: Path, stories: int = 0) -> list[str]
         "evaluate.prompts=[once upon a time]",
         "report.track_energy=false",  # codecarbon costs 2-4 s a stage; tests/test_reporting.py measures it once
     ]
+
+
+@pytest.fixture(autouse=True)
+def _own_synthesis_tuning_file(tmp_path_factory, monkeypatch):
+    """`synthesize.requantize/parallel: auto` keep this machine's pick in ~/.cache; a pick left there by a benchmark
+    would change what the tests' story model is (e.g. `@q4_0` instead of `@f32`), so each test starts without one."""
+    import tasks.synthesis.tuning as tuning
+
+    monkeypatch.setattr(tuning, "DEFAULT_FILE", tmp_path_factory.mktemp("tuning") / "synthesize-tuning.json")
