@@ -6,7 +6,8 @@
 The reference is this machine's matmul peak: large square matmuls in fp32 and in bf16, measured in this
 same run (before and after the models; the higher is kept), so that MFU is relative to what this device
 actually sustains, not a datasheet figure. For each architecture and dtype it times forward + backward +
-AdamW step on random tokens (bf16 through torch.autocast, as training does it; median step) and reports
+AdamW step on random tokens (bf16 through torch.autocast, and with glibc's heap kept between steps, as training
+does it; median step) and reports
 
     MFU = tokens/s * model.flops_per_token() / peak(dtype)
 
@@ -28,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from model import ModelConfig, build_model  # noqa: E402
+from tasks.training.allocator import kept_heap  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -124,6 +126,8 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--matmul-size", type=int, default=None, help="side of the peak matmul (2048 CPU, 8192 CUDA)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch's default if unset)")
+    p.add_argument("--no-keep-heap", action="store_true", help="leave glibc's malloc thresholds at their defaults "
+                   "(training raises them: train.keep_heap, tasks/training/allocator.py)")
     p.add_argument("--preset", default=None, help="time this preset's model (train.model at tokenizer.vocab_size) "
                    "instead of the --archs at the sizes above")
     args = p.parse_args()
@@ -164,7 +168,8 @@ def main() -> None:
             n_embd=args.n_embd,
         )
         for d in dtypes:
-            results[arch, d] = r = train_throughput(cfg, d, args.batch_size, args.warmup, args.steps, device)
+            with kept_heap(not args.no_keep_heap) as kept:
+                results[arch, d] = r = train_throughput(cfg, d, args.batch_size, args.warmup, args.steps, device)
             print(f"  measured {arch} {d}: {r['ms_per_step']:.1f} ms/step", flush=True)
     peak_after = {d: matmul_peak(device, DTYPES[d], n, seconds=1.5) for d in dtypes}
     peak = {d: max(peak_before[d], peak_after[d]) for d in dtypes}
@@ -187,6 +192,7 @@ def main() -> None:
             f"{arch:<8}{d:<6}{r['params_m']:>10.2f}{r['flops_per_token'] / 1e6:>11.1f}{r['ms_per_step']:>10.1f}"
             f"{r['tokens_per_s']:>11.0f}{r['flops'] / 1e9:>10.1f}{mfu[arch, d]:>8.1%}"
         )
+    print(f"heap kept between steps (as train.keep_heap does): {'yes' if kept else 'no'}")
     print(f"mfu_bf16_llama: {mfu.get(('llama', 'bf16'), math.nan):.4f}")
 
 if __name__ == "__main__":

@@ -274,6 +274,8 @@ class TrainConfig(Section):
     compile: bool = False
     deterministic: bool = False
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None leaves torch's default")
+    keep_heap: bool = Field(True, description="keep freed memory in the process between steps (glibc's malloc "
+                            "thresholds, tasks/training/allocator.py): fewer page faults, a shorter CPU step")
     track_emissions: bool = True
     country_iso_code: str = Field("FRA", min_length=3, max_length=3)
     log_interval: int = Field(20, ge=1)

@@ -31,6 +31,7 @@ from pipeline_config.schema import TrainConfig
 from tasks.corpus.reader import ShardTokens
 from tasks.reporting.prefect_artifacts import Progress
 from tasks.stage import PipelineError, read_jsonl, write_atomic, write_json
+from tasks.training.allocator import kept_heap
 from tasks.training.checkpoints import CHECKPOINTS, load_checkpoint, save_checkpoint
 from tasks.training.data import Windows  # noqa: F401  (windows per shard; imported from here too)
 from tasks.training.devices import autocast, autocast_dtype, pick_device
@@ -251,7 +252,8 @@ def train(
         tracker.start()
     started = time.perf_counter()
     try:
-        _loop(s, windows, out_dir / METRICS, log)
+        with kept_heap(cfg.keep_heap):
+            _loop(s, windows, out_dir / METRICS, log)
     finally:
         emissions = tracker.stop() if tracker else None
     return _summary(s, time.perf_counter() - started, tracker, emissions), s.model
