@@ -1,7 +1,8 @@
 """Benchmark: story generation tokens/s, single stream vs the batched llama.cpp backend, in one run.
 
     python benchmarks/synthesize.py [--stories 3*parallel] [--single-stories 32] [--max-tokens 200] [--parallel auto]
-                                    [--threads N] [--requantize auto|f32|q8_0|q4_0|f16|none] [--with-parallel-1]
+                                    [--threads N] [--requantize auto|f32|q8_0|q4_0|f16|none] [--flash-attn auto|on|off]
+                                    [--with-parallel-1] [--single-flash-attn]
 
 The sides write stories from the same recipe prompts with the same sampling settings and thread count:
 - batched: `LlamaCppBackend` with `--parallel` stories decoded together, one `llama_decode` per step, over one job
@@ -10,14 +11,16 @@ The sides write stories from the same recipe prompts with the same sampling sett
 - single stream: `Llama.create_chat_completion` on the GGUF as shipped, one story after another (what one would
   write without this backend; it too reuses the KV of the prompt prefix it shares with the previous story), on
   `--single-stories` of the same prompts, spread evenly over them (its rate does not depend on how many it writes);
+  llama-cpp-python's defaults (flash attention off; --single-flash-attn turns it on there too, to check that the
+  batched side's gain is not just that kernel);
 - with --with-parallel-1, `LlamaCppBackend` with one sequence on those same prompts (separates the gain of its
   weight conversion and prefix cache from the gain of batching).
 The machine is shared, so the sides take turns and see the same load: the batched job is a generator that stands
 still between turns, and after each `parallel` stories it completes, the other sides catch up to the same share of
 their own stories. Only time spent inside a side counts for it. The defaults are the stage's (recipe, sampling,
 max_tokens, parallel, weights); the default run takes about 4 minutes on 2 cores.
-With `auto` (the stage's default) the weight type and width are this machine's pick (tasks/synthesis/tuning.py:
-read from its cache, or measured first, which is printed). The first line names the CPU and its SIMD flags.
+With `auto` (the stage's default) the weight type, width and flash attention are this machine's pick
+(tasks/synthesis/tuning.py: read from its cache, or measured first, which is printed). The first line names the CPU and its SIMD flags.
 The last line is `speedup: <batched tokens/s / single-stream tokens/s>` (the goal: 3 or more).
 """
 from __future__ import annotations
@@ -98,6 +101,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: the backend's default)")
     parser.add_argument("--requantize", default=defaults.requantize or "none",
                         help="the backend's weight conversion (f32, q8_0, q4_0, f16, none)")
+    parser.add_argument("--flash-attn", default="auto", choices=("auto", "on", "off"),
+                        help="the backend's flash attention (auto: this machine's pick)")
+    parser.add_argument("--single-flash-attn", action="store_true", help="flash attention on in the single stream")
     parser.add_argument("--with-parallel-1", action="store_true", help="also time the backend at parallel=1")
     args = parser.parse_args()
 
@@ -107,22 +113,25 @@ def main() -> None:
     threads = args.threads or default_threads()
     cfg = SynthesizeConfig(n=args.stories or 192, max_tokens=args.max_tokens, n_threads=threads,
                            parallel=args.parallel if args.parallel == "auto" else int(args.parallel),
-                           requantize=None if args.requantize == "none" else args.requantize)
-    if "auto" in (cfg.requantize, cfg.parallel):
+                           requantize=None if args.requantize == "none" else args.requantize,
+                           flash_attn={"auto": "auto", "on": True, "off": False}[args.flash_attn])
+    if "auto" in (cfg.requantize, cfg.parallel, cfg.flash_attn):
         started = time.perf_counter()
         cfg = resolve(cfg)
-        print(f"auto: requantize {cfg.requantize}, parallel {cfg.parallel} ({time.perf_counter() - started:.1f} s "
-              "to read or measure the pick)", flush=True)
+        print(f"auto: requantize {cfg.requantize}, parallel {cfg.parallel}, flash_attn {cfg.flash_attn} "
+              f"({time.perf_counter() - started:.1f} s to read or measure the pick)", flush=True)
     args.parallel = cfg.parallel
     args.stories = args.stories or 3 * args.parallel
     cfg = cfg.model_copy(update={"n": args.stories})
     batched = LlamaCppBackend(cfg)
     one = LlamaCppBackend(cfg.model_copy(update={"parallel": 1})) if args.with_parallel_1 else None
     llm = llama_cpp.Llama(model_path=str(batched.model_path), n_ctx=cfg.n_ctx, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+                          n_threads_batch=threads, verbose=False, **({"flash_attn": True} if args.single_flash_attn
+                                                                     else {}))
     print(f"{batched.model_path.name}, {threads} thread(s), stories of <= {args.max_tokens} tokens, backend weights "
-          f"{cfg.requantize or 'as shipped'}: batched job of {args.stories} stories at parallel {args.parallel}, "
-          f"{args.single_stories} of its prompts one at a time")
+          f"{cfg.requantize or 'as shipped'}, flash attention {'on' if cfg.flash_attn else 'off'} (single stream "
+          f"{'on' if args.single_flash_attn else 'off'}): batched job of {args.stories} stories at parallel "
+          f"{args.parallel}, {args.single_stories} of its prompts one at a time")
 
     # one untimed short story each, so that no side pays first-call costs inside the measurement
     warm = requests(cfg.model_copy(update={"max_tokens": 8}), range(10_000, 10_001))

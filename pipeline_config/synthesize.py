@@ -135,8 +135,14 @@ class SynthesizeConfig(BaseModel):
         "per machine and keeps the pick in tuning_file (tasks/synthesis/tuning.py). null uses the file as it is (do "
         "that for large models)",
     )
+    flash_attn: bool | Literal["auto"] = Field(
+        "auto",
+        description="llamacpp: llama.cpp's flash-attention kernel for the batched steps. Faster on some CPUs, slower "
+        "on others (it does not change the model, only the last bits of its logits): auto measures it with requantize "
+        "and parallel, once per machine (tuning_file)",
+    )
     tuning_file: Path | None = Field(
-        None, exclude=True, description="llamacpp: where the picks of requantize/parallel auto are kept, per machine "
+        None, exclude=True, description="llamacpp: where the picks of requantize/parallel/flash_attn auto are kept, per machine "
         "(CPU, flags, threads, llama.cpp version, GGUF); None: ~/.cache/scriptorium/synthesize-tuning.json",
     )
 

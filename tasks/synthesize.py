@@ -43,7 +43,8 @@ IDENTITY = "synthesis.json"
 # Knobs that change how fast stories are made, or how many, but not what any story is: a directory of stories stays
 # valid when they change (the stage's `workdir_ignores`). Raising max_attempts retries the slots given up before.
 WORKDIR_IGNORES = frozenset(
-    {"n", "max_attempts", "parallel", "host", "timeout_s", "retries", "retry_backoff_s", "n_ctx", "n_threads"}
+    {"n", "max_attempts", "parallel", "flash_attn", "host", "timeout_s", "retries", "retry_backoff_s", "n_ctx",
+     "n_threads"}
 )
 _BACKEND_FIELDS = {"ollama": {"model"}, "llamacpp": {"model_path", "requantize"}}
 PROGRESS_EVERY_S = 10.0

@@ -1,4 +1,4 @@
-"""requantize/parallel auto: the pick is the fastest measured candidate, kept per machine in a JSON file, re-used
+"""requantize/parallel/flash_attn auto: the pick is the fastest measured candidate, kept per machine in a JSON file, re-used
 without measuring again; a small job does not measure; and one real measurement runs on the packaged model."""
 from __future__ import annotations
 
@@ -10,25 +10,28 @@ from pipeline_config.synthesize import SynthesizeConfig
 from tasks.synthesis import tuning
 from tasks.synthesis.llamacpp import default_gguf
 
-# tokens/s a machine might measure: q8_0 wins at the widest batch, and 32 sequences beat 64 for it
-FIGURES = {"f32@64": 150.0, "f16@64": 90.0, "q8_0@64": 170.0, "q4_0@64": 160.0, "q8_0@32": 180.0, "q8_0@16": 120.0}
+# tokens/s a machine might measure: q8_0 wins at the widest batch with flash attention, is faster still without it,
+# and 32 sequences beat 64 for it
+FIGURES = {"f32@64+fa": 150.0, "q8_0@64+fa": 170.0, "q4_0@64+fa": 160.0, "q8_0@64": 175.0, "q8_0@32": 180.0,
+           "q8_0@16": 120.0}
 
 
 def fake_measure(calls: list):
-    def measure(kind: str, width: int) -> float:
-        calls.append(f"{kind}@{width}")
+    def measure(kind: str, width: int, flash: bool) -> float:
+        calls.append(tuning.label(kind, width, flash))
         if kind == "f16":
             raise RuntimeError("this quantizer refuses f16")  # a candidate that cannot run is not picked
-        return FIGURES.get(f"{kind}@{width}", {"f32": 50.0, "q8_0": 60.0, "q4_0": 55.0}[kind])
+        return FIGURES.get(calls[-1], {"f32": 50.0, "q8_0": 60.0, "q4_0": 55.0}[kind])
     return measure
 
 
 def test_choose_takes_the_fastest_type_then_the_fastest_width_for_it():
     calls: list[str] = []
     pick, figures = tuning.choose(fake_measure(calls))
-    assert pick == {"requantize": "q8_0", "parallel": 32}
-    assert figures["f16@64"] == 0.0
-    assert calls == ["f32@64", "f16@64", "q8_0@64", "q4_0@64", "q8_0@32", "q8_0@16"]  # two passes, not the grid
+    assert pick == {"requantize": "q8_0", "parallel": 32, "flash_attn": False}
+    assert figures["f16@64+fa"] == 0.0
+    # three passes, not the grid: the types, flash attention off for the winner, the widths for the winning pair
+    assert calls == ["f32@64+fa", "f16@64+fa", "q8_0@64+fa", "q4_0@64+fa", "q8_0@64", "q8_0@32", "q8_0@16"]
 
 
 def test_the_pick_is_cached_per_machine_and_reused_without_measuring(tmp_path):
@@ -36,13 +39,13 @@ def test_the_pick_is_cached_per_machine_and_reused_without_measuring(tmp_path):
     gguf = default_gguf()
     calls: list[str] = []
     assert tuning.tuned(cfg, gguf, threads=2, stories=100, measure=fake_measure(calls)) == {
-        "requantize": "q8_0", "parallel": 32}
+        "requantize": "q8_0", "parallel": 32, "flash_attn": False}
     stored = json.loads((tmp_path / "tuning.json").read_text())
     [(key, entry)] = stored.items()
     assert json.loads(key)["threads"] == 2 and json.loads(key)["gguf"] == gguf.name and "cpu" in json.loads(key)
     assert entry["tokens_per_s"]["q8_0@32"] == 180.0
 
-    def refuse(kind, width):
+    def refuse(kind, width, flash):
         raise AssertionError("measured again")
     assert tuning.tuned(cfg, gguf, threads=2, stories=100, measure=refuse)["requantize"] == "q8_0"
     # another thread count is another machine as far as speed goes: measured anew
@@ -53,12 +56,14 @@ def test_the_pick_is_cached_per_machine_and_reused_without_measuring(tmp_path):
 
 def test_a_fixed_value_is_kept_and_a_small_job_does_not_measure(tmp_path):
     gguf = default_gguf()
-    fixed = SynthesizeConfig(n=100, parallel=8, tuning_file=tmp_path / "t.json")
+    fixed = SynthesizeConfig(n=100, parallel=8, flash_attn=True, tuning_file=tmp_path / "t.json")
     calls: list[str] = []
-    assert tuning.tuned(fixed, gguf, 2, 100, fake_measure(calls)) == {"requantize": "q8_0", "parallel": 8}
-    assert calls == ["f32@8", "f16@8", "q8_0@8", "q4_0@8"] and not (tmp_path / "t.json").exists()  # partial: not kept
+    assert tuning.tuned(fixed, gguf, 2, 100, fake_measure(calls)) == {"requantize": "q8_0", "parallel": 8,
+                                                                       "flash_attn": True}
+    assert calls == ["f32@8+fa", "f16@8+fa", "q8_0@8+fa", "q4_0@8+fa"]
+    assert not (tmp_path / "t.json").exists()  # a partial search is not this machine's answer: not kept
 
-    def refuse(kind, width):
+    def refuse(kind, width, flash):
         raise AssertionError("a 4-story job measured")
     small = SynthesizeConfig(n=4, tuning_file=tmp_path / "t.json")
     assert tuning.tuned(small, gguf, 2, 4, refuse) == tuning.FALLBACK
@@ -67,5 +72,15 @@ def test_a_fixed_value_is_kept_and_a_small_job_does_not_measure(tmp_path):
 def test_a_real_short_measurement_on_the_packaged_model(monkeypatch):
     monkeypatch.setattr(tuning, "STEPS", 2)
     cfg = SynthesizeConfig(n=2, max_tokens=16)
-    rate = tuning.measure_rate(cfg, "q8_0", 2, threads=1)
-    assert rate > 0
+    assert tuning.measure_rate(cfg, "q8_0", 2, False, threads=1) > 0
+    assert tuning.measure_rate(cfg, "q8_0", 2, True, threads=1) > 0  # llama.cpp's flash-attention path runs here
+
+
+def test_a_pick_cached_before_flash_attn_existed_is_measured_again(tmp_path):
+    cfg = SynthesizeConfig(n=100, tuning_file=tmp_path / "tuning.json")
+    gguf = default_gguf()
+    key = tuning.machine_key(gguf, 2)
+    (tmp_path / "tuning.json").write_text(json.dumps({key: {"requantize": "q4_0", "parallel": 64}}))
+    calls: list[str] = []
+    assert tuning.tuned(cfg, gguf, threads=2, stories=100, measure=fake_measure(calls))["flash_attn"] is False
+    assert calls and json.loads((tmp_path / "tuning.json").read_text())[key]["requantize"] == "q8_0"

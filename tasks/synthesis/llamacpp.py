@@ -17,8 +17,9 @@ that benchmark's output and in the closing notes that report it, never here:
   matrix kernel, to f32 (which holds them exactly) or Q8_0 (`synthesize.requantize`): which one is faster depends
   on the CPU's kernels and the batch width.
 - Every step must be ONE pass over the weights. With a KV stream per sequence llama.cpp splits a batch into one
-  ubatch per run of consecutive sequence ids, so the busy slots are kept contiguous (`_compact`); flash attention
-  is off (its CPU kernel made a step slower).
+  ubatch per run of consecutive sequence ids, so the busy slots are kept contiguous (`_compact`). Flash attention
+  is measured per machine like the weight type (`synthesize.flash_attn`): its CPU kernel made a step slower on an
+  AVX-512 machine and faster on an AVX2-only one.
 - Prompts are made cheap: the KV cells of the prefix that prompts share (chat header, system message, the template's
   fixed opening) are computed once per system message and copied into each new sequence (`llama_memory_seq_cp`),
   which gives bit-identical logits, and the recipes put what varies at the end.
@@ -129,7 +130,7 @@ class LlamaCppBackend:
             raise SynthesizeError(f"GGUF model {path} does not exist: fix synthesize.model_path")
         self.model_path = path
         self.threads = cfg.n_threads or default_threads()
-        if "auto" in (cfg.requantize, cfg.parallel):  # this machine's measured pick (tasks/synthesis/tuning.py)
+        if "auto" in (cfg.requantize, cfg.parallel, cfg.flash_attn):  # this machine's pick (tasks/synthesis/tuning.py)
             from tasks.synthesis.tuning import tuned
 
             self.cfg = cfg = cfg.model_copy(update=tuned(cfg, path, self.threads, stories=cfg.n or None))
@@ -190,8 +191,9 @@ class LlamaCppBackend:
         params.n_seq_max = n_seq
         params.n_threads = params.n_threads_batch = self.threads
         params.kv_unified = False
-        # Flash attention off: its CPU kernel made the whole batched step slower (benchmarks/synthesize.py).
-        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        # Flash attention: faster on some CPUs, slower on others (synthesize.flash_attn, measured by tuning.py).
+        params.flash_attn_type = (lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if cfg.flash_attn is True
+                                  else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         params.no_perf = True
         ctx = lib.llama_init_from_model(self.llm.model, params)
         if not ctx:

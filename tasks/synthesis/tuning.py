@@ -1,4 +1,4 @@
-"""`synthesize.requantize: auto` and `synthesize.parallel: auto`: measure this machine once, keep the pick.
+"""`synthesize.requantize/parallel/flash_attn: auto`: measure this machine once, keep the pick.
 
 Which weight type and batch width write stories fastest depends on the CPU's kernels (AVX-512 or AVX2 only, bf16
 instructions or not), on the thread count and on llama.cpp's version, so they are measured rather than guessed: a
@@ -8,8 +8,8 @@ llama-cpp-python version and the GGUF (name and size). A later load on the same 
 cost. A small job (fewer stories than `MIN_STORIES_TO_TUNE`) with nothing cached does not measure: it takes
 `FALLBACK`, since the measurement would cost more than it saves.
 
-The search is two passes, not the full grid: every weight type at the widest batch, then every width for the winning
-type. A candidate's figure is generated tokens per second over `STEPS` steps with every slot busy, after the prompts
+The search is three passes, not the full grid: every weight type at the widest batch with flash attention on, then
+flash attention off for the winning type, then every width for the winning pair. A candidate's figure is generated tokens per second over `STEPS` steps with every slot busy, after the prompts
 are in (prompt processing is paid once per story whatever the pick, and the cached prefix makes it small), sampling
 included, since a wider batch also samples more rows per step.
 
@@ -18,8 +18,11 @@ with `profile_steps` while the 2 cores were shared with heavy other work, so as 
 99% of a step, numpy sampling 0.6%, filling the batch in Python 0.01%. Taking in the 64 prompts (with the shared
 prefix copied) cost as much as ~45 steps, i.e. under one step per story against the ~200 steps a story generates.
 So the weight type (which matmul kernel runs) and the width (how well the matmuls amortise reading the weights) are
-the knobs that matter; the Python around the step is not worth moving out. (Attention's share inside llama_decode
-was not separated: llama.cpp's perf counters were off.)
+the knobs that matter; the Python around the step is not worth moving out. The third is attention: with 64 stories a
+step reads 64 KV streams, and llama.cpp's flash-attention kernel made a step slower on the AVX-512 machine these
+defaults came from but about 20% faster on a 2-core AVX2-only EPYC (q4_0, 64 sequences, steps interleaved in one
+run: median 186 -> 225 tokens/s on a loaded host), so it is measured too. Quantised KV cells (q8_0) did not help
+there and f32 cells were 2.5x slower; the KV cells stay f16.
 """
 from __future__ import annotations
 
@@ -41,7 +44,8 @@ if TYPE_CHECKING:
 
 WEIGHT_TYPES = ("f32", "f16", "q8_0", "q4_0")
 WIDTHS = (64, 32, 16)  # the first is the width the weight types are compared at
-FALLBACK = {"requantize": "f32", "parallel": 64}
+FALLBACK = {"requantize": "f32", "parallel": 64, "flash_attn": False}
+KNOBS = tuple(FALLBACK)  # the config fields that "auto" resolves
 MIN_STORIES_TO_TUNE = 32
 STEPS = 12
 DEFAULT_FILE = Path("~/.cache/scriptorium/synthesize-tuning.json")
@@ -70,23 +74,31 @@ def machine_key(gguf: Path, threads: int) -> str:
     return json.dumps(ident, sort_keys=True)
 
 
-def choose(measure: Callable[[str, int], float], types=WEIGHT_TYPES, widths=WIDTHS) -> tuple[dict, dict[str, float]]:
-    """The fastest (requantize, parallel) by `measure(type, width) -> tokens/s`; a candidate that fails to load or
-    run (a quantizer refusing a type, memory) measures as 0. Returns the pick and every figure taken."""
+def label(kind: str, width: int, flash: bool) -> str:
+    return f"{kind}@{width}" + ("+fa" if flash else "")
+
+
+def choose(measure: Callable[[str, int, bool], float], types=WEIGHT_TYPES, widths=WIDTHS, flash=(True, False)
+           ) -> tuple[dict, dict[str, float]]:
+    """The fastest (requantize, parallel, flash_attn) by `measure(type, width, flash) -> tokens/s`; a candidate that
+    fails to load or run (a quantizer refusing a type, memory) measures as 0. Returns the pick and every figure."""
     figures: dict[str, float] = {}
 
-    def rate(kind: str, width: int) -> float:
-        try:
-            figures[f"{kind}@{width}"] = float(measure(kind, width))
-        except Exception:  # noqa: BLE001 (a candidate that cannot run is simply not picked)
-            figures[f"{kind}@{width}"] = 0.0
-        return figures[f"{kind}@{width}"]
+    def rate(kind: str, width: int, fa: bool) -> float:
+        key = label(kind, width, fa)
+        if key not in figures:
+            try:
+                figures[key] = float(measure(kind, width, fa))
+            except Exception:  # noqa: BLE001 (a candidate that cannot run is simply not picked)
+                figures[key] = 0.0
+        return figures[key]
 
-    kind = max(types, key=lambda t: rate(t, widths[0]))
-    width = max(widths, key=lambda w: figures.get(f"{kind}@{w}") or rate(kind, w))
-    if figures[f"{kind}@{width}"] <= 0:
+    kind = max(types, key=lambda t: rate(t, widths[0], flash[0]))
+    fa = max(flash, key=lambda f: rate(kind, widths[0], f))
+    width = max(widths, key=lambda w: rate(kind, w, fa))
+    if figures[label(kind, width, fa)] <= 0:
         return dict(FALLBACK), figures
-    return {"requantize": kind, "parallel": width}, figures
+    return {"requantize": kind, "parallel": width, "flash_attn": fa}, figures
 
 
 def read_cache(path: Path) -> dict:
@@ -98,26 +110,27 @@ def read_cache(path: Path) -> dict:
 
 
 def tuned(cfg: "SynthesizeConfig", gguf: Path, threads: int, stories: int | None = None,
-          measure: Callable[[str, int], float] | None = None) -> dict:
-    """The concrete {requantize, parallel} for `cfg` (its own values where they are not "auto"): from the cache, by
-    measuring (and caching), or the fallback for a small job."""
+          measure: Callable[[str, int, bool], float] | None = None) -> dict:
+    """The concrete {requantize, parallel, flash_attn} for `cfg` (its own values where they are not "auto"): from the
+    cache, by measuring (and caching), or the fallback for a small job."""
     from tasks.stage import write_json
 
-    wanted = {k for k in ("requantize", "parallel") if getattr(cfg, k) == "auto"}
-    fixed = {k: getattr(cfg, k) for k in ("requantize", "parallel") if k not in wanted}
+    wanted = {k for k in KNOBS if getattr(cfg, k) == "auto"}
+    fixed = {k: getattr(cfg, k) for k in KNOBS if k not in wanted}
     if not wanted:
         return fixed
     path = Path(cfg.tuning_file or DEFAULT_FILE).expanduser()
     key = machine_key(gguf, threads)
     cached = read_cache(path).get(key)
-    if isinstance(cached, dict) and {"requantize", "parallel"} <= cached.keys():
+    if isinstance(cached, dict) and set(KNOBS) <= cached.keys():  # a pick from before a knob existed is measured anew
         return {**{k: cached[k] for k in wanted}, **fixed}
     if stories is not None and stories < MIN_STORIES_TO_TUNE:
         return {**{k: FALLBACK[k] for k in wanted}, **fixed}
     types = WEIGHT_TYPES if "requantize" in wanted else (fixed["requantize"],)
     widths = WIDTHS if "parallel" in wanted else (fixed["parallel"],)
-    pick, figures = choose(measure or (lambda t, w: measure_rate(cfg, t, w, threads)), types, widths)
-    if "requantize" in wanted and "parallel" in wanted:  # only a full search is a machine's answer
+    flash = (True, False) if "flash_attn" in wanted else (fixed["flash_attn"],)
+    pick, figures = choose(measure or (lambda t, w, f: measure_rate(cfg, t, w, f, threads)), types, widths, flash)
+    if wanted == set(KNOBS):  # only a full search is a machine's answer
         entries = read_cache(path)
         entries[key] = {**pick, "tokens_per_s": figures, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +140,7 @@ def tuned(cfg: "SynthesizeConfig", gguf: Path, threads: int, stories: int | None
 
 def resolve(cfg: "SynthesizeConfig", stories: int | None = None) -> "SynthesizeConfig":
     """`cfg` with "auto" replaced by this machine's pick (llamacpp only; an Ollama server tunes itself)."""
-    if cfg.backend != "llamacpp" or "auto" not in (cfg.requantize, cfg.parallel):
+    if cfg.backend != "llamacpp" or all(getattr(cfg, k) != "auto" for k in KNOBS):
         return cfg
     from tasks.synthesis.backend import default_threads
     from tasks.synthesis.llamacpp import default_gguf
@@ -136,11 +149,13 @@ def resolve(cfg: "SynthesizeConfig", stories: int | None = None) -> "SynthesizeC
     return cfg.model_copy(update=tuned(cfg, gguf, cfg.n_threads or default_threads(), stories))
 
 
-def measure_rate(cfg: "SynthesizeConfig", kind: str, width: int, threads: int) -> float:
-    """Generated tokens/s of the backend with `kind` weights and `width` sequences (see `profile_steps`)."""
+def measure_rate(cfg: "SynthesizeConfig", kind: str, width: int, flash: bool, threads: int) -> float:
+    """Generated tokens/s of the backend with `kind` weights, `width` sequences and flash attention on or off (see
+    `profile_steps`)."""
     from tasks.synthesis.llamacpp import LlamaCppBackend
 
-    backend = LlamaCppBackend(cfg.model_copy(update={"requantize": kind, "parallel": width, "n_threads": threads}))
+    backend = LlamaCppBackend(cfg.model_copy(update={"requantize": kind, "parallel": width, "flash_attn": flash,
+                                                     "n_threads": threads}))
     try:
         profile = profile_steps(backend, STEPS)
         return profile["tokens"] / (profile["decode_s"] + profile["sample_s"] + profile["fill_s"])
