@@ -16,6 +16,11 @@ FIGURES = {"f32@64+fa": 150.0, "q8_0@64+fa": 170.0, "q4_0@64+fa": 160.0, "q8_0@6
            "q8_0@16": 120.0}
 
 
+def fake_loss(gguf, kind, threads) -> float:
+    """Per-token loss on the probe: as a Q4_1 file might give it, q4_0 far worse than the rest."""
+    return {None: 2.0, "f32": 2.0, "f16": 2.0, "q8_0": 2.01, "q4_0": 2.3}[kind]
+
+
 def fake_measure(calls: list):
     def measure(kind: str, width: int, flash: bool) -> float:
         calls.append(tuning.label(kind, width, flash))
@@ -38,19 +43,21 @@ def test_the_pick_is_cached_per_machine_and_reused_without_measuring(tmp_path):
     cfg = SynthesizeConfig(n=100, tuning_file=tmp_path / "tuning.json")
     gguf = default_gguf()
     calls: list[str] = []
-    assert tuning.tuned(cfg, gguf, threads=2, stories=100, measure=fake_measure(calls)) == {
+    assert tuning.tuned(cfg, gguf, threads=2, stories=100, measure=fake_measure(calls), loss=fake_loss) == {
         "requantize": "q8_0", "parallel": 32, "flash_attn": False}
     stored = json.loads((tmp_path / "tuning.json").read_text())
     [(key, entry)] = stored.items()
     assert json.loads(key)["threads"] == 2 and json.loads(key)["gguf"] == gguf.name and "cpu" in json.loads(key)
     assert entry["tokens_per_s"]["q8_0@32"] == 180.0
+    assert entry["probe_loss"] == {"as shipped": 2.0, "f32": 2.0, "f16": 2.0, "q8_0": 2.01, "q4_0": 2.3}
+    assert not any(label.startswith("q4_0") for label in entry["tokens_per_s"])  # never measured for speed
 
     def refuse(kind, width, flash):
         raise AssertionError("measured again")
-    assert tuning.tuned(cfg, gguf, threads=2, stories=100, measure=refuse)["requantize"] == "q8_0"
+    assert tuning.tuned(cfg, gguf, threads=2, stories=100, measure=refuse, loss=fake_loss)["requantize"] == "q8_0"
     # another thread count is another machine as far as speed goes: measured anew
     calls.clear()
-    tuning.tuned(cfg, gguf, threads=1, stories=100, measure=fake_measure(calls))
+    tuning.tuned(cfg, gguf, threads=1, stories=100, measure=fake_measure(calls), loss=fake_loss)
     assert calls and len(json.loads((tmp_path / "tuning.json").read_text())) == 2
 
 
@@ -58,15 +65,15 @@ def test_a_fixed_value_is_kept_and_a_small_job_does_not_measure(tmp_path):
     gguf = default_gguf()
     fixed = SynthesizeConfig(n=100, parallel=8, flash_attn=True, tuning_file=tmp_path / "t.json")
     calls: list[str] = []
-    assert tuning.tuned(fixed, gguf, 2, 100, fake_measure(calls)) == {"requantize": "q8_0", "parallel": 8,
+    assert tuning.tuned(fixed, gguf, 2, 100, fake_measure(calls), fake_loss) == {"requantize": "q8_0", "parallel": 8,
                                                                        "flash_attn": True}
-    assert calls == ["f32@8+fa", "f16@8+fa", "q8_0@8+fa", "q4_0@8+fa"]
+    assert calls == ["f32@8+fa", "f16@8+fa", "q8_0@8+fa"]  # q4_0 loses quality: not a candidate
     assert not (tmp_path / "t.json").exists()  # a partial search is not this machine's answer: not kept
 
     def refuse(kind, width, flash):
         raise AssertionError("a 4-story job measured")
     small = SynthesizeConfig(n=4, tuning_file=tmp_path / "t.json")
-    assert tuning.tuned(small, gguf, 2, 4, refuse) == tuning.FALLBACK
+    assert tuning.tuned(small, gguf, 2, 4, refuse, fake_loss) == tuning.FALLBACK
 
 
 def test_a_real_short_measurement_on_the_packaged_model(monkeypatch):
@@ -82,5 +89,15 @@ def test_a_pick_cached_before_flash_attn_existed_is_measured_again(tmp_path):
     key = tuning.machine_key(gguf, 2)
     (tmp_path / "tuning.json").write_text(json.dumps({key: {"requantize": "q4_0", "parallel": 64}}))
     calls: list[str] = []
-    assert tuning.tuned(cfg, gguf, threads=2, stories=100, measure=fake_measure(calls))["flash_attn"] is False
+    assert tuning.tuned(cfg, gguf, threads=2, stories=100, measure=fake_measure(calls), loss=fake_loss)["flash_attn"] is False
     assert calls and json.loads((tmp_path / "tuning.json").read_text())[key]["requantize"] == "q8_0"
+
+
+def test_the_probe_loss_keeps_faithful_types_and_drops_q4_0_on_the_packaged_model():
+    """Real llama.cpp on the shipped SmolLM2-135M Q4_1: q8_0 holds its weights almost exactly (within 2% of the file's
+    own loss on the probe story), q4_0 does not (measured: about 12% worse)."""
+    gguf = default_gguf()
+    own = tuning.probe_loss(gguf, None, threads=2)
+    assert 0.5 < own < 5.0  # nats per token of a small model on a plain story
+    assert tuning.probe_loss(gguf, "q8_0", threads=2) <= own * (1 + tuning.MAX_LOSS_INCREASE)
+    assert tuning.probe_loss(gguf, "q4_0", threads=2) > own * (1 + tuning.MAX_LOSS_INCREASE)

@@ -8,10 +8,12 @@ llama-cpp-python version and the GGUF (name and size). A later load on the same 
 cost. A small job (fewer stories than `MIN_STORIES_TO_TUNE`) with nothing cached does not measure: it takes
 `FALLBACK`, since the measurement would cost more than it saves.
 
-The search is three passes, not the full grid: every weight type at the widest batch with flash attention on, then
-flash attention off for the winning type, then every width for the winning pair. A candidate's figure is generated tokens per second over `STEPS` steps with every slot busy, after the prompts
-are in (prompt processing is paid once per story whatever the pick, and the cached prefix makes it small), sampling
-included, since a wider batch also samples more rows per step.
+Only weight types that keep the model's quality are candidates (`faithful_types`: its loss on a short probe story
+within 2% of the GGUF as shipped): speed is never bought with worse stories. The search is three passes, not the
+grid: every candidate type at the widest batch with flash attention on, then flash attention off for the winning type,
+then every width for the winning pair. A candidate's figure is generated tokens per second over `STEPS` steps with
+every slot busy, after the prompts are in (prompt processing is paid once per story whatever the pick, and the cached
+prefix makes it small), sampling included, since a wider batch also samples more rows per step.
 
 Where a batched step goes (SmolLM2-135M, 64 sequences, f32 weights, 2 threads, AMD EPYC with AVX2 only, measured
 with `profile_steps` while the 2 cores were shared with heavy other work, so as shares, not times): llama_decode is
@@ -45,6 +47,18 @@ if TYPE_CHECKING:
 WEIGHT_TYPES = ("f32", "f16", "q8_0", "q4_0")
 WIDTHS = (64, 32, 16)  # the first is the width the weight types are compared at
 FALLBACK = {"requantize": "f32", "parallel": 64, "flash_attn": False}
+# A weight type is a candidate for auto only if the model's per-token loss on PROBE stays within this fraction of the
+# file's own (SmolLM2-135M, Q4_1 as shipped: f32, f16 and q8_0 within 0.1%; q4_0 11.5% worse, a perplexity of 11.1
+# instead of 8.7, measured on 40 held-out TinyStories; it would have won on speed alone).
+MAX_LOSS_INCREASE = 0.02
+PROBE = (
+    "Once upon a time, there was a little girl named Mia. She loved to play in the garden with her red ball. One day, "
+    "the ball rolled under a big bush. Mia was sad because she could not reach it.\n\nHer friend Tom came to help. "
+    "He was tall and strong. Tom pushed the branches away and found the ball. Mia smiled and said, \"Thank you, Tom! "
+    "You are a good friend.\" They played together until the sun went down.\n\nThe next morning, a small bird sat on "
+    "the fence and sang a happy song. Mia gave the bird some bread, and the bird came back every day. Mia learned that "
+    "being kind makes new friends."
+)
 KNOBS = tuple(FALLBACK)  # the config fields that "auto" resolves
 MIN_STORIES_TO_TUNE = 32
 STEPS = 12
@@ -101,6 +115,44 @@ def choose(measure: Callable[[str, int, bool], float], types=WEIGHT_TYPES, width
     return {"requantize": kind, "parallel": width, "flash_attn": fa}, figures
 
 
+def probe_loss(gguf: Path, kind: str | None, threads: int) -> float:
+    """Mean next-token loss (nats) of the model on PROBE with its weights converted to `kind` (None: as shipped)."""
+    import llama_cpp
+
+    from tasks.synthesis.llamacpp import requantize_gguf
+
+    weights = requantize_gguf(gguf, kind) if kind else gguf
+    try:
+        llm = llama_cpp.Llama(model_path=str(weights), n_ctx=512, n_threads=threads, logits_all=True, verbose=False)
+    finally:
+        if kind:
+            weights.unlink(missing_ok=True)
+    try:
+        tokens = llm.tokenize(PROBE.encode(), add_bos=True)
+        llm.eval(tokens)
+        logits = np.asarray(llm.scores[: len(tokens) - 1], dtype=np.float64)
+    finally:
+        llm.close()
+    top = logits.max(axis=1)
+    lse = np.log(np.exp(logits - top[:, None]).sum(axis=1)) + top
+    return float(np.mean(lse - logits[np.arange(len(tokens) - 1), tokens[1:]]))
+
+
+def faithful_types(gguf: Path, threads: int, loss: Callable[[Path, str | None, int], float] = probe_loss
+                   ) -> tuple[tuple[str, ...], dict[str, float]]:
+    """The WEIGHT_TYPES that keep the model's loss on PROBE within MAX_LOSS_INCREASE of the file's own (auto trades
+    no quality for speed), and every loss measured ("as shipped" for the file's own). A type that fails to convert or
+    load is left out."""
+    losses = {"as shipped": loss(gguf, None, threads)}
+    for kind in WEIGHT_TYPES:
+        try:
+            losses[kind] = loss(gguf, kind, threads)
+        except Exception:  # noqa: BLE001 (a type that cannot be made is not a candidate)
+            continue
+    kept = tuple(k for k in WEIGHT_TYPES if k in losses and losses[k] <= losses["as shipped"] * (1 + MAX_LOSS_INCREASE))
+    return kept or (FALLBACK["requantize"],), losses
+
+
 def read_cache(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -110,7 +162,8 @@ def read_cache(path: Path) -> dict:
 
 
 def tuned(cfg: "SynthesizeConfig", gguf: Path, threads: int, stories: int | None = None,
-          measure: Callable[[str, int, bool], float] | None = None) -> dict:
+          measure: Callable[[str, int, bool], float] | None = None,
+          loss: Callable[[Path, str | None, int], float] = probe_loss) -> dict:
     """The concrete {requantize, parallel, flash_attn} for `cfg` (its own values where they are not "auto"): from the
     cache, by measuring (and caching), or the fallback for a small job."""
     from tasks.stage import write_json
@@ -126,13 +179,14 @@ def tuned(cfg: "SynthesizeConfig", gguf: Path, threads: int, stories: int | None
         return {**{k: cached[k] for k in wanted}, **fixed}
     if stories is not None and stories < MIN_STORIES_TO_TUNE:
         return {**{k: FALLBACK[k] for k in wanted}, **fixed}
-    types = WEIGHT_TYPES if "requantize" in wanted else (fixed["requantize"],)
+    types, losses = faithful_types(gguf, threads, loss) if "requantize" in wanted else ((fixed["requantize"],), {})
     widths = WIDTHS if "parallel" in wanted else (fixed["parallel"],)
     flash = (True, False) if "flash_attn" in wanted else (fixed["flash_attn"],)
     pick, figures = choose(measure or (lambda t, w, f: measure_rate(cfg, t, w, f, threads)), types, widths, flash)
     if wanted == set(KNOBS):  # only a full search is a machine's answer
         entries = read_cache(path)
-        entries[key] = {**pick, "tokens_per_s": figures, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        entries[key] = {**pick, "tokens_per_s": figures, "probe_loss": losses,
+                        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, entries)
     return {**{k: pick[k] for k in wanted}, **fixed}
