@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
@@ -18,13 +20,16 @@ def prefect_api():
         yield
 
 
-@pytest.fixture
-def small_corpus(tmp_path: Path) -> Path:
-    """The first 150 stories of the shipped sample (real prose, ~130 KB)."""
+def write_small_corpus(path: Path) -> Path:
+    """The first 150 stories of the shipped sample (real prose, ~130 KB), written to `path`."""
     lines = SAMPLE.read_text(encoding="utf-8").splitlines()[:150]
-    path = tmp_path / "corpus.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def small_corpus(tmp_path: Path) -> Path:
+    return write_small_corpus(tmp_path / "corpus.jsonl")
 
 
 def tiny_overrides(artifacts: Path, corpus: Path, stories: int = 0) -> list[str]:
@@ -61,3 +66,23 @@ def _own_synthesis_tuning_file(tmp_path_factory, monkeypatch):
     import tasks.synthesis.tuning as tuning
 
     monkeypatch.setattr(tuning, "DEFAULT_FILE", tmp_path_factory.mktemp("tuning") / "synthesize-tuning.json")
+
+
+def run_stages(root: Path, stages: tuple[str, ...], extra_overrides: tuple[str, ...] = (),
+               report: Callable[[str], Any] | None = None) -> dict:
+    """Quickstart shrunk by `tiny_overrides` (plus `extra_overrides`) on the small corpus under `root`, with `stages`
+    run once each, in order, through `Stage.execute` outside any flow (no stories: synthesize is None). `report(stage)`
+    gives a stage its ReportConfig. Returns {stage: artifact, "cfg": the config, "root": the artifacts directory}."""
+    import importlib
+
+    from pipeline_config import load_config
+
+    artifacts = root / "artifacts"
+    cfg = load_config("quickstart", tiny_overrides(artifacts, write_small_corpus(root / "corpus.jsonl"))
+                      + list(extra_overrides))
+    made: dict = {"synthesize": None, "cfg": cfg, "root": artifacts}
+    for stage in stages:
+        declared = importlib.import_module(f"tasks.{stage}").STAGE
+        made[stage] = declared.execute(getattr(cfg, stage), {name: made[name] for name in declared.inputs}, artifacts,
+                                       logging.getLogger("test"), report(stage) if report else None)
+    return made

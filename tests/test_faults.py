@@ -417,24 +417,11 @@ def test_a_validation_split_shorter_than_the_context_names_the_split_and_the_fix
 @pytest.fixture(scope="module")
 def lineage(tmp_path_factory) -> dict:
     """Real upstream artifacts for register (every stage run once on a tiny corpus; export writes no format)."""
-    import importlib
+    from tests.conftest import run_stages
 
-    from pipeline_config import load_config
-    from tests.conftest import SAMPLE, tiny_overrides
-
-    root = tmp_path_factory.mktemp("lineage")
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("\n".join(SAMPLE.read_text(encoding="utf-8").splitlines()[:150]) + "\n", encoding="utf-8")
-    cfg = load_config("quickstart", tiny_overrides(root / "artifacts", corpus) + ["export.formats=[]"])
-    inputs = {"acquire": (), "synthesize": (), "tokenizer": ("acquire", "synthesize"),
-              "shard": ("acquire", "synthesize", "tokenizer"), "train": ("shard",),
-              "evaluate": ("tokenizer", "shard", "train"), "export": ("tokenizer", "train")}
-    made: dict = {"synthesize": None}
-    for stage in ("acquire", "tokenizer", "shard", "train", "evaluate", "export"):
-        declared = importlib.import_module(f"tasks.{stage}").STAGE
-        upstream = {name: made[name] for name in declared.inputs}
-        made[stage] = declared.execute(getattr(cfg, stage), upstream, root / "artifacts", LOG)
-    assert all(made[name] is not None or name == "synthesize" for name in inputs)
+    stages = ("acquire", "tokenizer", "shard", "train", "evaluate", "export")
+    made = run_stages(tmp_path_factory.mktemp("lineage"), stages, ("export.formats=[]",))
+    assert all(made[name] is not None for name in stages)
     return made
 
 

@@ -7,7 +7,6 @@ tests/test_mlflow_ui.py.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import warnings
@@ -26,20 +25,10 @@ QUIET = ReportConfig(track_energy=False)
 @pytest.fixture(scope="module")
 def lineage(tmp_path_factory) -> dict:
     """Every stage up to evaluate, run once through `Stage.execute` outside any flow; evaluate with codecarbon on."""
-    from pipeline_config import load_config
-    from tests.conftest import SAMPLE, tiny_overrides
+    from tests.conftest import run_stages
 
-    root = tmp_path_factory.mktemp("reporting")
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("\n".join(SAMPLE.read_text(encoding="utf-8").splitlines()[:150]) + "\n", encoding="utf-8")
-    cfg = load_config("quickstart", tiny_overrides(root / "artifacts", corpus) + ["train.samples.max_new_tokens=6"])
-    made: dict = {"synthesize": None, "cfg": cfg, "root": root / "artifacts"}
-    for stage in ("acquire", "tokenizer", "shard", "train", "evaluate"):
-        declared = importlib.import_module(f"tasks.{stage}").STAGE
-        report = ReportConfig(track_energy=stage == "evaluate")
-        made[stage] = declared.execute(getattr(cfg, stage), {name: made[name] for name in declared.inputs},
-                                       made["root"], LOG, report)
-    return made
+    return run_stages(tmp_path_factory.mktemp("reporting"), ("acquire", "tokenizer", "shard", "train", "evaluate"),
+                      ("train.samples.max_new_tokens=6",), lambda stage: ReportConfig(track_energy=stage == "evaluate"))
 
 
 def test_checkpoint_samples_are_written_per_step_greedy_and_at_the_configured_temperature(lineage):
