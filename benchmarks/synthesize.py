@@ -20,7 +20,8 @@ still between turns, and after each `parallel` stories it completes, the other s
 their own stories. Only time spent inside a side counts for it. The defaults are the stage's (recipe, sampling,
 max_tokens, parallel, weights); the default run takes about 4 minutes on 2 cores.
 With `auto` (the stage's default) the weight type, width and flash attention are this machine's pick
-(tasks/synthesis/tuning.py: read from its cache, or measured first, which is printed). The first line names the CPU and its SIMD flags.
+(tasks/synthesis/tuning.py: read from its cache, or measured first, which is printed). The first line names the CPU
+and its SIMD flags.
 The last line is `speedup: <batched tokens/s / single-stream tokens/s>` (the goal: 3 or more).
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pipeline_config.synthesize import SynthesizeConfig  # noqa: E402
 from tasks.synthesis.backend import StoryRequest, default_threads  # noqa: E402
 from tasks.synthesis.llamacpp import LlamaCppBackend  # noqa: E402
 from tasks.synthesis.recipes import derive_seed, load_recipe, story_prompt  # noqa: E402
-from tasks.synthesis.tuning import cpu_flags_line, resolve  # noqa: E402
+from tasks.synthesis.tuning import cpu_flags_line, has_auto, resolve  # noqa: E402
 
 
 def requests(cfg: SynthesizeConfig, indices) -> list[StoryRequest]:
@@ -115,7 +116,7 @@ def main() -> None:
                            parallel=args.parallel if args.parallel == "auto" else int(args.parallel),
                            requantize=None if args.requantize == "none" else args.requantize,
                            flash_attn={"auto": "auto", "on": True, "off": False}[args.flash_attn])
-    if "auto" in (cfg.requantize, cfg.parallel, cfg.flash_attn):
+    if has_auto(cfg):
         started = time.perf_counter()
         cfg = resolve(cfg)
         print(f"auto: requantize {cfg.requantize}, parallel {cfg.parallel}, flash_attn {cfg.flash_attn} "

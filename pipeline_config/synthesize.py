@@ -143,8 +143,8 @@ class SynthesizeConfig(BaseModel):
         "and parallel, once per machine (tuning_file)",
     )
     tuning_file: Path | None = Field(
-        None, exclude=True, description="llamacpp: where the picks of requantize/parallel/flash_attn auto are kept, per machine "
-        "(CPU, flags, threads, llama.cpp version, GGUF); None: ~/.cache/scriptorium/synthesize-tuning.json",
+        None, exclude=True, description="llamacpp: where the picks of requantize/parallel/flash_attn auto are kept, per "
+        "machine (CPU, flags, threads, llama.cpp version, GGUF); None: ~/.cache/scriptorium/synthesize-tuning.json",
     )
 
     quality: QualityConfig = Field(default_factory=QualityConfig, description="quality-gate thresholds")

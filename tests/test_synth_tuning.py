@@ -1,5 +1,5 @@
-"""requantize/parallel/flash_attn auto: the pick is the fastest measured candidate, kept per machine in a JSON file, re-used
-without measuring again; a small job does not measure; and one real measurement runs on the packaged model."""
+"""requantize/parallel/flash_attn auto: the pick is the fastest measured candidate, kept per machine in a JSON file,
+re-used without measuring again; a small job does not measure; and one real measurement runs on the packaged model."""
 from __future__ import annotations
 
 import json
@@ -89,7 +89,8 @@ def test_a_pick_cached_before_flash_attn_existed_is_measured_again(tmp_path):
     key = tuning.machine_key(gguf, 2)
     (tmp_path / "tuning.json").write_text(json.dumps({key: {"requantize": "q4_0", "parallel": 64}}))
     calls: list[str] = []
-    assert tuning.tuned(cfg, gguf, threads=2, stories=100, measure=fake_measure(calls), loss=fake_loss)["flash_attn"] is False
+    picked = tuning.tuned(cfg, gguf, threads=2, stories=100, measure=fake_measure(calls), loss=fake_loss)
+    assert picked["flash_attn"] is False
     assert calls and json.loads((tmp_path / "tuning.json").read_text())[key]["requantize"] == "q8_0"
 
 

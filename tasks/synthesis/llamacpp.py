@@ -37,6 +37,7 @@ import numpy as np
 
 from tasks.synthesis.backend import Completion, NextRequest, StoryRequest, SynthesizeError, default_threads
 from tasks.synthesis.sampling import sample_token
+from tasks.synthesis.tuning import has_auto, tuned
 
 if TYPE_CHECKING:
     from pipeline_config.synthesize import SynthesizeConfig
@@ -130,9 +131,7 @@ class LlamaCppBackend:
             raise SynthesizeError(f"GGUF model {path} does not exist: fix synthesize.model_path")
         self.model_path = path
         self.threads = cfg.n_threads or default_threads()
-        if "auto" in (cfg.requantize, cfg.parallel, cfg.flash_attn):  # this machine's pick (tasks/synthesis/tuning.py)
-            from tasks.synthesis.tuning import tuned
-
+        if has_auto(cfg):  # this machine's measured pick (tasks/synthesis/tuning.py)
             self.cfg = cfg = cfg.model_copy(update=tuned(cfg, path, self.threads, stories=cfg.n or None))
         self.model = gguf_model_name(cfg)
         self.parallel = cfg.parallel

@@ -149,8 +149,14 @@ def faithful_types(gguf: Path, threads: int, loss: Callable[[Path, str | None, i
             losses[kind] = loss(gguf, kind, threads)
         except Exception:  # noqa: BLE001 (a type that cannot be made is not a candidate)
             continue
-    kept = tuple(k for k in WEIGHT_TYPES if k in losses and losses[k] <= losses["as shipped"] * (1 + MAX_LOSS_INCREASE))
+    limit = losses["as shipped"] * (1 + MAX_LOSS_INCREASE)
+    kept = tuple(k for k in WEIGHT_TYPES if k in losses and losses[k] <= limit)
     return kept or (FALLBACK["requantize"],), losses
+
+
+def has_auto(cfg: "SynthesizeConfig") -> bool:
+    """Whether any of the KNOBS is "auto" in `cfg` (then `tuned` or `resolve` gives it this machine's pick)."""
+    return any(getattr(cfg, k) == "auto" for k in KNOBS)
 
 
 def read_cache(path: Path) -> dict:
@@ -194,7 +200,7 @@ def tuned(cfg: "SynthesizeConfig", gguf: Path, threads: int, stories: int | None
 
 def resolve(cfg: "SynthesizeConfig", stories: int | None = None) -> "SynthesizeConfig":
     """`cfg` with "auto" replaced by this machine's pick (llamacpp only; an Ollama server tunes itself)."""
-    if cfg.backend != "llamacpp" or all(getattr(cfg, k) != "auto" for k in KNOBS):
+    if cfg.backend != "llamacpp" or not has_auto(cfg):
         return cfg
     from tasks.synthesis.backend import default_threads
     from tasks.synthesis.llamacpp import default_gguf

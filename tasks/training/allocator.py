@@ -5,10 +5,12 @@ thresholds, blocks over 128 KiB (raised dynamically up to 32 MiB) are separate `
 top of the heap is returned whenever 128 KiB of it is free; the next step then pays a page fault for every 4 KiB page
 it touches again. `kept_heap()`, for the duration of training, serves every block from the heap (no `mmap`: the
 largest, such as the (tokens x vocabulary) logits and their gradient, exceed the 32 MiB that glibc allows as an mmap
-threshold) and keeps up to 1 GiB of free heap; afterwards it restores glibc's default values (its dynamic mmap threshold stays off) and trims what is free, so the
-stages after train see the usual behaviour. Measured on a 2-core AVX2 EPYC, Mamba-2 benchmark model, 12 steps:
-1.8-2.3M minor page faults with the defaults, 0.64M with the thresholds raised, 0.35M with no mmap either; steps
-interleaved in one process: median 1631 ms, 1201 ms, 1040 ms.
+threshold) and keeps up to 1 GiB of free heap; afterwards it restores glibc's default values (its dynamic mmap
+threshold stays off) and trims what is free, so the stages after train see the usual behaviour.
+
+Measured on a 2-core AVX2 EPYC, Mamba-2 benchmark model, 12 steps: 1.8-2.3M minor page faults with the defaults,
+0.64M with the thresholds raised, 0.35M with no mmap either; steps interleaved in one process: median 1631 ms,
+1201 ms, 1040 ms.
 
 Only glibc has `mallopt`; elsewhere (macOS, musl) this is a no-op. `train.keep_heap: false` turns it off.
 """
