@@ -7,7 +7,9 @@ Each layer keeps, per head, a (headdim x d_state) state h that every token decay
 A is one negative scalar per head; dt_t, B_t and C_t are computed from the input ("selective"). Training
 uses the chunked SSD algorithm (`ssd_scan`, the paper's ssd_minimal): within a chunk the recurrence is
 unrolled into a masked, attention-like matmul; across chunks only the states are carried. That is all
-matmuls and cumsums, so it runs anywhere; no Triton/CUDA kernels. On a CPU the matmuls are the cheap
+matmuls and cumsums, so it runs anywhere; no Triton/CUDA kernels. Where float32 allows (every chunk's
+decays within exp(-128), as at initialisation), the within-chunk decays are factored per step
+(`_factored_scan`), so one matmul per chunk serves all heads; else the paper's per-head segsum form runs. On a CPU the matmuls are the cheap
 part: the scan and the gated norm are autograd Functions with written-out backward passes, because
 autograd's versions spend more time writing out intermediate tensors than the arithmetic takes
 (tests/test_mamba2_scan.py holds them to the sequential recurrence and to autograd's gradients).
@@ -51,7 +53,7 @@ def segsum(x: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~lower, float("-inf"))
 
 
-def ssd_scan(x, a, b, c, chunk_size: int, initial_state=None, dt=None, D=None):
+def ssd_scan(x, a, b, c, chunk_size: int, initial_state=None, dt=None, D=None, factored: bool | None = None):
     """Chunked SSD. x (B, L, H, P) already scaled by dt; a (B, L, H) = dt * A <= 0; b, c (B, L, N), shared by
     all heads (one group). Returns y (B, L, H, P) and the final state (B, H, P, N).
 
@@ -59,7 +61,11 @@ def ssd_scan(x, a, b, c, chunk_size: int, initial_state=None, dt=None, D=None):
     anyway; with D (H,) given, y includes the skip D * x. L need not be a multiple of chunk_size: the tail
     is padded with a = 0 (no decay) and x = 0 (no input), which leaves both the real outputs and the final
     state unchanged. The per-step decays are prepared here under autograd (one number per step and head);
-    the large tensors go through `_ChunkedScan`, whose backward is written out.
+    the large tensors go through `_FactoredScan` or `_ChunkedScan`, whose backward passes are written out.
+
+    `factored` picks the form of the within-chunk decays: None (the default) takes `_FactoredScan` whenever
+    every chunk's decays fit float32 that way (`factorable`), else `_ChunkedScan`; True / False force one
+    (tests compare both).
     """
     # Under bf16 autocast the matmuls would otherwise run in bf16, losing what the float32 decays keep.
     # (The meta device, where model/profile.py measures activations, has no autocast to switch off.)
@@ -72,6 +78,8 @@ def ssd_scan(x, a, b, c, chunk_size: int, initial_state=None, dt=None, D=None):
         Q, n_chunks = chunk_size, (L + pad) // chunk_size
         # A float64 cumsum: the decays below are differences of it (see _decay_within).
         cs = a.reshape(Bsz, n_chunks, Q, H).double().cumsum(dim=2)
+        if factored or (factored is None and factorable(cs)):
+            return _factored_scan(x, a, b, c, cs, L, pad, initial_state, dt, D)
         to_end = torch.exp(cs[:, :, -1:] - cs).to(x.dtype)  # decay from each step to its chunk's end
         from_start = torch.exp(cs).to(x.dtype)  # decay from its chunk's start to each step
         # across[z, j]: from the end of chunk j - 1 to the start of chunk z; column 0 is the initial state.
@@ -82,6 +90,108 @@ def ssd_scan(x, a, b, c, chunk_size: int, initial_state=None, dt=None, D=None):
         )
         y = y.view(Bsz, n_chunks * Q, H, P)
         return (y[:, :L] if pad else y), final_state
+
+
+# Largest |log| of a factor in the factored form: exp(64) ~ 6e27 leaves float32 (max 3.4e38) ten orders of
+# magnitude for the sums it scales, and exp(-64) stays far from its subnormals (1.2e-38).
+FACTOR_LOG_LIMIT = 64.0
+
+
+def factorable(cs: torch.Tensor) -> bool:
+    """Whether the factored scan is exact in float32 for these per-chunk cumsums cs (B, c, Q, H): every chunk's
+    total log-decay within 2 * FACTOR_LOG_LIMIT (at the default initialisation a 64-step chunk spans at most ~100).
+    Decided from the data, one number per call; on the meta device (no data) the factored form."""
+    if cs.device.type == "meta":
+        return True
+    return bool((cs[:, :, 0] - cs[:, :, -1]).max() <= 2 * FACTOR_LOG_LIMIT) if cs.numel() else True
+
+
+def _factored_scan(x, a, b, c, cs, L, pad, s0, dt, D):
+    """`ssd_scan` with the decays factored per chunk, exp(cs[l] - cs[s]) = u[l] * v[s] with u = exp(cs - ref) and
+    v = exp(ref - cs), ref the middle of the chunk's cumsum range (so no factor exceeds exp(FACTOR_LOG_LIMIT)).
+    Then every head's within-chunk matrix is diag(u) (C B^T) diag(v), and as C B^T is shared by the heads, the
+    within-chunk term is one (Q x Q) by (Q x H*P) matmul per chunk instead of H per-head (Q x Q) matrices built,
+    masked and multiplied. The chunk-to-chunk decays fold into the small matrix that carries the states
+    (`_pass_states`). ref is a constant (y does not depend on it), so it is detached."""
+    Bsz, _, H, P = x.shape
+    n_chunks, Q = cs.shape[1], cs.shape[2]
+    ref = (0.5 * (cs[:, :, :1] + cs[:, :, -1:])).detach()  # (B, c, 1, H)
+    u = torch.exp(cs - ref).to(x.dtype)  # (B, c, Q, H)
+    v = torch.exp(ref - cs).to(x.dtype)
+    # to_end: what v lacks of the decay to the chunk's end, exp(end - ref) (B, c, H). carry[z, j]: the decay from the
+    # end of chunk j - 1 to the start of chunk z (column 0: the initial state), times exp(ref) of chunk z, what u
+    # lacks of the decay from that chunk's start; the last row gives the final state, with no ref.
+    to_end = torch.exp(cs[:, :, -1] - ref[:, :, 0]).to(x.dtype)
+    across = torch.exp(segsum(F.pad(cs[:, :, -1].transpose(1, 2), (1, 0))))  # (B, H, c+1, c+1)
+    into = F.pad(torch.exp(ref[:, :, 0]).transpose(1, 2), (0, 1), value=1.0)  # (B, H, c+1)
+    carry = (across * into[..., :, None]).to(x.dtype)
+    x, dt, b, c = (None if t is None else t.reshape(Bsz, n_chunks, Q, *t.shape[2:]) for t in (x, dt, b, c))
+    y, final_state = _FactoredScan.apply(x, dt, D, b, c, u, v, to_end, carry, s0)
+    y = y.view(Bsz, n_chunks * Q, H, P)
+    return (y[:, :L] if pad else y), final_state
+
+
+class _FactoredScan(torch.autograd.Function):
+    """The chunked SSD with factored decays; see `_factored_scan`. Per (batch, chunk), with w = v * dt:
+
+        X = w x                                     (the chunk's input, each step scaled towards the chunk's end)
+        state_own = to_end * X^T B,  state_in(z) = sum_j carry[z, j] state_own(j - 1)  (+ carry[z, 0] s0)
+        y = u * (C state_in^T + mask(C B^T) X) + D x
+
+    All four matmuls are batched over (chunk, batch) with the heads folded into a dimension of H*P; tensors
+    inside are chunk-major, (c, B, ...), as in `_ChunkedScan`, so that `_pass_states` needs no copies. The
+    states are kept at their true scale (to_end applied before they are carried): u, v and X reach exp(+-64),
+    and no product of two such large factors may be formed, in this pass or the backward. The backward reuses
+    the forward's matrices; gradients by u, v, to_end and carry go back through autograd's small exps.
+    """
+
+    @staticmethod
+    def forward(ctx, x, dt, D, b, c, u, v, to_end, carry, s0):
+        Bsz, n_chunks, Q, H, P = x.shape
+        b, c = _chunk_major(b), _chunk_major(c)  # (c*B, Q, N)
+        w = v if dt is None else dt * v
+        xw = _into((n_chunks, Bsz, Q, H, P), x, torch.mul, x.transpose(0, 1), w.transpose(0, 1)[..., None])
+        xw = xw.view(-1, Q, H * P)
+        own = torch.bmm(xw.transpose(1, 2), b)  # (c*B, H*P, N), before to_end
+        per_head = (own.size(0), H, P * own.size(-1))
+        own_scaled = _into(per_head, own, torch.mul, own.view(per_head), to_end.transpose(0, 1).reshape(-1, H, 1))
+        states, s_in, final_state = _pass_states(own_scaled.view(own.shape), carry, s0)
+        g = torch.bmm(c, b.transpose(1, 2)).masked_fill_(_above_diagonal(Q, x.device), 0)  # C B^T, causal
+        yu = torch.bmm(c, s_in.transpose(1, 2)).baddbmm_(g, xw)  # y / u, (c*B, Q, H*P)
+        y = _into(x.shape, x, torch.mul, yu.view(n_chunks, Bsz, Q, H, P).transpose(0, 1), u[..., None])
+        if D is not None:
+            y.addcmul_(x, D[:, None])
+        ctx.save_for_backward(x, dt, D, b, c, u, v, w, to_end, xw, g, own, states, s_in, yu, carry, s0)
+        return y, final_state
+
+    @staticmethod
+    def backward(ctx, gy, g_final):
+        x, dt, D, b, c, u, v, w, to_end, xw, g, own, states, s_in, yu, carry, s0 = ctx.saved_tensors
+        Bsz, n_chunks, Q, H, P = x.shape
+        gy = gy.contiguous()
+        g_u = torch.linalg.vecdot(gy, yu.view(n_chunks, Bsz, Q, H, P).transpose(0, 1))
+        gyu = _into((n_chunks, Bsz, Q, H, P), x, torch.mul, gy.transpose(0, 1), u.transpose(0, 1)[..., None])
+        gyu = gyu.view(-1, Q, H * P)  # the gradient by y / u
+        g_c = torch.bmm(gyu, s_in)
+        g_states, g_carry, g_s0 = _pass_states_backward(gyu, c, g_final, states, carry, s0)
+        g_states = g_states.view(-1, H, P * own.size(-1))
+        g_to_end = torch.linalg.vecdot(g_states, own.view(g_states.shape)).view(n_chunks, Bsz, H).transpose(0, 1)
+        g_own = g_states.mul_(to_end.transpose(0, 1).reshape(-1, H, 1)).view(own.shape)
+        g_xw = torch.bmm(b, g_own.transpose(1, 2)).baddbmm_(g.transpose(1, 2), gyu)
+        g_b = torch.bmm(xw, g_own)
+        # Above the diagonal u[l] * v[s] may exceed float32 (the decay runs backwards there): masked, not used.
+        g_g = torch.bmm(gyu, xw.transpose(1, 2)).masked_fill_(_above_diagonal(Q, x.device), 0)
+        g_c.baddbmm_(g_g, b)
+        g_b.baddbmm_(g_g.transpose(1, 2), c)
+        g_b, g_c = (t.view(n_chunks, Bsz, Q, -1).transpose(0, 1) for t in (g_b, g_c))
+        g_xw = g_xw.view(n_chunks, Bsz, Q, H, P).transpose(0, 1)
+        g_w = torch.linalg.vecdot(g_xw, x)
+        g_x = _into(x.shape, x, torch.mul, g_xw, w[..., None])
+        g_D = None if D is None else torch.linalg.vecdot(gy, x).sum((0, 1, 2))
+        if D is not None:
+            g_x.addcmul_(gy, D[:, None])
+        g_dt, g_v = (None, g_w) if dt is None else (g_w * v, g_w * dt)
+        return g_x, g_dt, g_D, g_b, g_c, g_u, g_v, g_to_end, g_carry, g_s0
 
 
 def _decay_within(cs: torch.Tensor, dtype) -> torch.Tensor:
@@ -108,13 +218,6 @@ def _into(shape, like, op, *args) -> torch.Tensor:
     out = torch.empty(shape, dtype=like.dtype, device=like.device)
     op(*args, out=out)
     return out
-
-
-def _bdot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Dot products over the last dimension of two contiguous tensors, as a batched matmul: one read of
-    each, where (u * v).sum(-1) would first write out the whole product."""
-    P = u.size(-1)
-    return torch.bmm(u.reshape(-1, 1, P), v.reshape(-1, P, 1)).view(u.shape[:-1])
 
 
 def _chunk_major(t: torch.Tensor) -> torch.Tensor:
@@ -254,7 +357,8 @@ class _GatedRMSNorm(torch.autograd.Function):
         y2, z2 = y.reshape(-1, C), z.reshape(-1, C)
         gate = F.silu(z2)
         v = y2 * gate
-        r = torch.rsqrt(_bdot(v, v).div_(C).add_(eps))[:, None]
+        # vector_norm reads v once; a (1 x C) by (C x 1) bmm per row took 6x as long (and v * v writes v out again)
+        r = torch.rsqrt(torch.linalg.vector_norm(v, dim=-1).square_().div_(C).add_(eps))[:, None]
         ctx.save_for_backward(y2, z2, gate, v, r, weight)
         ctx.shape = y.shape
         return (v * r).mul_(weight).view(y.shape)
@@ -266,7 +370,7 @@ class _GatedRMSNorm(torch.autograd.Function):
         g_out = g_out.reshape(-1, C)
         vr = v * r  # the normalised v
         gn = g_out * weight
-        dot = _bdot(gn, vr).div_(C)[:, None]
+        dot = torch.linalg.vecdot(gn, vr).div_(C)[:, None]
         gv = gn.addcmul_(vr, dot, value=-1).mul_(r)  # d/dv of (v * r): r * (gn - vr * mean(gn * vr))
         g_weight = vr.mul_(g_out).sum(0)
         gy = gv * gate
