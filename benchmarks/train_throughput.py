@@ -3,13 +3,14 @@
     python benchmarks/train_throughput.py [--archs gpt,llama,mamba2] [--dtypes fp32,bf16] [--steps 10]
     python benchmarks/train_throughput.py --preset ys-71m [--batch-size 4]   a preset's own model (at its vocab size)
 
-The reference is this machine's matmul peak: large square matmuls in fp32 and in bf16, measured in this
-same run (before and after the models; the higher is kept), so that MFU is relative to what this device
-actually sustains, not a datasheet figure. For each architecture and dtype it times forward + backward +
-AdamW step on random tokens (bf16 through torch.autocast, and with glibc's heap kept between steps, as training
-does it; median step) and reports
+The reference is this machine's matmul peak: large square matmuls in the step's dtype, sampled right before
+every timed step, so that MFU is relative to what this device sustains at that moment, not a datasheet
+figure. (On a shared host both the peak and a step's time drift by tens of percent from one minute to the
+next; a peak taken at another moment than the steps moves MFU by as much.) For each architecture and dtype it
+times forward + backward + AdamW step on random tokens (bf16 through torch.autocast, and with glibc's heap
+kept between steps, as training does it) and reports the median over the timed steps of
 
-    MFU = tokens/s * model.flops_per_token() / peak(dtype)
+    MFU = step FLOPs / (step time * the peak sampled just before it),   step FLOPs = tokens * model.flops_per_token()
 
 Uses CUDA when available, else the CPU. On a CPU shared with other work, `--threads 1` gives steadier
 figures: two OpenMP threads on two busy cores wait on each other. The last line is
@@ -39,18 +40,27 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_OPERANDS: dict = {}
+
+
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, seconds: float) -> float:
-    """FLOP/s of repeated n x n matmuls, best of a few timed batches (the least disturbed one)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
+    """FLOP/s of repeated n x n matmuls, best of a few timed batches (the least disturbed one) lasting about
+    `seconds` in all; a single matmul where one already takes a third of that (bf16 without bf16 instructions)."""
+    key = (device, dtype, n)
+    if key not in _OPERANDS:  # made and warmed once per run: every step samples the peak again
+        _OPERANDS[key] = a, b = [torch.randn(n, n, device=device, dtype=dtype) for _ in range(2)]
+        for _ in range(2):
+            a @ b
+    a, b = _OPERANDS[key]
     synchronize(device)
     # Size each batch from one timed matmul so a batch lasts about seconds / 3.
     t0 = time.perf_counter()
     a @ b
     synchronize(device)
-    reps = max(1, int(seconds / 3 / max(time.perf_counter() - t0, 1e-6)))
+    one = max(time.perf_counter() - t0, 1e-6)
+    if one >= seconds / 3:
+        return 2 * n**3 / one
+    reps = max(1, int(seconds / 3 / one))
     best = 0.0
     for _ in range(3):
         t0 = time.perf_counter()
@@ -61,7 +71,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, seconds: float
     return best
 
 
-def train_throughput(cfg: ModelConfig, dtype: str, batch_size: int, warmup: int, steps: int, device) -> dict:
+def train_throughput(cfg: ModelConfig, dtype: str, batch_size: int, warmup: int, steps: int, device,
+                     peak_size: int) -> dict:
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
     optimizer = model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), device.type)
@@ -82,22 +93,27 @@ def train_throughput(cfg: ModelConfig, dtype: str, batch_size: int, warmup: int,
     for _ in range(warmup):
         step()
     synchronize(device)
-    # Time steps one by one and take the median: on a shared machine one step that another process
-    # preempted should not move the figure (on CUDA the per-step synchronize costs microseconds).
-    times = []
+    # Time steps one by one, each right after a sample of the matmul peak, and take medians: on a shared
+    # machine one step that another process preempted should not move the figure, and each step is set
+    # against the peak of its own moment (on CUDA the per-step synchronize costs microseconds).
+    times, peaks = [], []
     for _ in range(steps):
+        peaks.append(matmul_peak(device, DTYPES[dtype], peak_size, seconds=0.3))
         t0 = time.perf_counter()
         loss = step()
         synchronize(device)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     tokens_per_s = batch_size * cfg.block_size / step_s
+    step_flops = batch_size * cfg.block_size * model.flops_per_token()
     return {
         "params_m": model.num_params() / 1e6,
         "flops_per_token": model.flops_per_token(),
         "ms_per_step": 1e3 * step_s,
         "tokens_per_s": tokens_per_s,
         "flops": tokens_per_s * model.flops_per_token(),
+        "peaks": peaks,
+        "mfu": statistics.median(step_flops / (t * p) for t, p in zip(times, peaks)),
         "loss": loss.item(),
     }
 
@@ -154,9 +170,6 @@ def main() -> None:
             f"model: {args.n_layer} layers, d {args.n_embd}, {args.n_head} heads, context {args.block_size}, "
             f"vocab {args.vocab_size}, batch {args.batch_size}; {args.warmup} warmup + {args.steps} timed steps"
         )
-    # The peak is measured before and after the models, and the higher of the two kept: on a shared
-    # machine a peak measured while another process ran would inflate every MFU; the max only deflates.
-    peak_before = {d: matmul_peak(device, DTYPES[d], n, seconds=1.5) for d in dtypes}
     results = {}
     for arch in archs:
         cfg = models[arch] if models else ModelConfig(
@@ -169,28 +182,24 @@ def main() -> None:
         )
         for d in dtypes:
             with kept_heap(not args.no_keep_heap) as kept:
-                results[arch, d] = r = train_throughput(cfg, d, args.batch_size, args.warmup, args.steps, device)
+                results[arch, d] = r = train_throughput(cfg, d, args.batch_size, args.warmup, args.steps, device,
+                                                        peak_size=n)
             print(f"  measured {arch} {d}: {r['ms_per_step']:.1f} ms/step", flush=True)
-    peak_after = {d: matmul_peak(device, DTYPES[d], n, seconds=1.5) for d in dtypes}
-    peak = {d: max(peak_before[d], peak_after[d]) for d in dtypes}
-    for d in dtypes:
-        print(
-            f"matmul peak {d}: {peak[d] / 1e9:.1f} GFLOP/s ({n}x{n} matmuls; "
-            f"{peak_before[d] / 1e9:.1f} before the models, {peak_after[d] / 1e9:.1f} after)"
-        )
 
+    print(f"peak: {n}x{n} matmuls in the step's dtype, sampled before every timed step (median, min-max)")
     header = (
         f"{'arch':<8}{'dtype':<6}{'params(M)':>10}{'MFLOP/tok':>11}{'ms/step':>10}{'tokens/s':>11}"
-        f"{'GFLOP/s':>10}{'MFU':>8}"
+        f"{'GFLOP/s':>10}{'peak GFLOP/s':>22}{'MFU':>8}"
     )
     print(header)
     print("-" * len(header))
     mfu = {}
     for (arch, d), r in results.items():
-        mfu[arch, d] = r["flops"] / peak[d]
+        mfu[arch, d] = r["mfu"]
+        peaks = f"{statistics.median(r['peaks']) / 1e9:.1f} ({min(r['peaks']) / 1e9:.0f}-{max(r['peaks']) / 1e9:.0f})"
         print(
             f"{arch:<8}{d:<6}{r['params_m']:>10.2f}{r['flops_per_token'] / 1e6:>11.1f}{r['ms_per_step']:>10.1f}"
-            f"{r['tokens_per_s']:>11.0f}{r['flops'] / 1e9:>10.1f}{mfu[arch, d]:>8.1%}"
+            f"{r['tokens_per_s']:>11.0f}{r['flops'] / 1e9:>10.1f}{peaks:>22}{mfu[arch, d]:>8.1%}"
         )
     print(f"heap kept between steps (as train.keep_heap does): {'yes' if kept else 'no'}")
     print(f"mfu_bf16_llama: {mfu.get(('llama', 'bf16'), math.nan):.4f}")
