@@ -2,7 +2,7 @@
 
     python benchmarks/synthesize.py [--stories 3*parallel] [--single-stories 32] [--max-tokens 200] [--parallel auto]
                                     [--threads N] [--requantize auto|f32|q8_0|q4_0|f16|none] [--flash-attn auto|on|off]
-                                    [--with-parallel-1] [--single-flash-attn]
+                                    [--cache-type-k auto|f16|q8_0] [--with-parallel-1] [--single-flash-attn]
 
 The sides write stories from the same recipe prompts with the same sampling settings and thread count:
 - batched: `LlamaCppBackend` with `--parallel` stories decoded together, one `llama_decode` per step, over one job
@@ -19,7 +19,7 @@ The machine is shared, so the sides take turns and see the same load: the batche
 still between turns, and after each `parallel` stories it completes, the other sides catch up to the same share of
 their own stories. Only time spent inside a side counts for it. The defaults are the stage's (recipe, sampling,
 max_tokens, parallel, weights); the default run takes about 4 minutes on 2 cores.
-With `auto` (the stage's default) the weight type, width and flash attention are this machine's pick
+With `auto` (the stage's default) the weight type, width, flash attention and key cells are this machine's pick
 (tasks/synthesis/tuning.py: read from its cache, or measured first, which is printed). The first line names the CPU
 and its SIMD flags.
 The last line is `speedup: <batched tokens/s / single-stream tokens/s>` (the goal: 3 or more).
@@ -104,6 +104,8 @@ def main() -> None:
                         help="the backend's weight conversion (f32, q8_0, q4_0, f16, none)")
     parser.add_argument("--flash-attn", default="auto", choices=("auto", "on", "off"),
                         help="the backend's flash attention (auto: this machine's pick)")
+    parser.add_argument("--cache-type-k", default="auto", choices=("auto", "f16", "q8_0"),
+                        help="the backend's key cache cells (auto: this machine's pick)")
     parser.add_argument("--single-flash-attn", action="store_true", help="flash attention on in the single stream")
     parser.add_argument("--with-parallel-1", action="store_true", help="also time the backend at parallel=1")
     args = parser.parse_args()
@@ -115,11 +117,13 @@ def main() -> None:
     cfg = SynthesizeConfig(n=args.stories or 192, max_tokens=args.max_tokens, n_threads=threads,
                            parallel=args.parallel if args.parallel == "auto" else int(args.parallel),
                            requantize=None if args.requantize == "none" else args.requantize,
-                           flash_attn={"auto": "auto", "on": True, "off": False}[args.flash_attn])
+                           flash_attn={"auto": "auto", "on": True, "off": False}[args.flash_attn],
+                           cache_type_k=args.cache_type_k)
     if has_auto(cfg):
         started = time.perf_counter()
         cfg = resolve(cfg)
-        print(f"auto: requantize {cfg.requantize}, parallel {cfg.parallel}, flash_attn {cfg.flash_attn} "
+        print(f"auto: requantize {cfg.requantize}, parallel {cfg.parallel}, flash_attn {cfg.flash_attn}, "
+              f"cache_type_k {cfg.cache_type_k} "
               f"({time.perf_counter() - started:.1f} s to read or measure the pick)", flush=True)
     args.parallel = cfg.parallel
     args.stories = args.stories or 3 * args.parallel
@@ -130,7 +134,8 @@ def main() -> None:
                           n_threads_batch=threads, verbose=False, **({"flash_attn": True} if args.single_flash_attn
                                                                      else {}))
     print(f"{batched.model_path.name}, {threads} thread(s), stories of <= {args.max_tokens} tokens, backend weights "
-          f"{cfg.requantize or 'as shipped'}, flash attention {'on' if cfg.flash_attn else 'off'} (single stream "
+          f"{cfg.requantize or 'as shipped'}, key cells {cfg.cache_type_k}, flash attention "
+          f"{'on' if cfg.flash_attn else 'off'} (single stream "
           f"{'on' if args.single_flash_attn else 'off'}): batched job of {args.stories} stories at parallel "
           f"{args.parallel}, {args.single_stories} of its prompts one at a time")
 

@@ -46,7 +46,7 @@ WORKDIR_IGNORES = frozenset(
     {"n", "max_attempts", "parallel", "flash_attn", "host", "timeout_s", "retries", "retry_backoff_s", "n_ctx",
      "n_threads"}
 )
-_BACKEND_FIELDS = {"ollama": {"model"}, "llamacpp": {"model_path", "requantize"}}
+_BACKEND_FIELDS = {"ollama": {"model"}, "llamacpp": {"model_path", "requantize", "cache_type_k"}}
 PROGRESS_EVERY_S = 10.0
 
 

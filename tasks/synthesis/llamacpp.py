@@ -193,6 +193,8 @@ class LlamaCppBackend:
         # Flash attention: faster on some CPUs, slower on others (synthesize.flash_attn, measured by tuning.py).
         params.flash_attn_type = (lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if cfg.flash_attn is True
                                   else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        if cfg.cache_type_k == "q8_0":  # keys in q8_0 cells (synthesize.cache_type_k); values stay f16
+            params.type_k = lib.GGML_TYPE_Q8_0
         params.no_perf = True
         ctx = lib.llama_init_from_model(self.llm.model, params)
         if not ctx:

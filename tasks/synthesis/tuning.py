@@ -1,4 +1,4 @@
-"""`synthesize.requantize/parallel/flash_attn: auto`: measure this machine once, keep the pick.
+"""`synthesize.requantize/parallel/flash_attn/cache_type_k: auto`: measure this machine once, keep the pick.
 
 Which weight type and batch width write stories fastest depends on the CPU's kernels (AVX-512 or AVX2 only, bf16
 instructions or not), on the thread count and on llama.cpp's version, so they are measured rather than guessed: a
@@ -9,11 +9,13 @@ cost. A small job (fewer stories than `MIN_STORIES_TO_TUNE`) with nothing cached
 `FALLBACK`, since the measurement would cost more than it saves.
 
 Only weight types that keep the model's quality are candidates (`faithful_types`: its loss on a short probe story
-within 2% of the GGUF as shipped): speed is never bought with worse stories. The search is three passes, not the
-grid: every candidate type at the widest batch with flash attention on, then flash attention off for the winning type,
-then every width for the winning pair. A candidate's figure is generated tokens per second over `STEPS` steps with
-every slot busy, after the prompts are in (prompt processing is paid once per story whatever the pick, and the cached
-prefix makes it small), sampling included, since a wider batch also samples more rows per step.
+within 2% of the GGUF as shipped): speed is never bought with worse stories. The search is four passes, not the grid:
+every candidate type at the widest batch with flash attention on, then flash attention off for the winning type, then
+every width for the winning pair, then q8_0 key cells for the winner (if they too keep the probe loss). A candidate's
+figure is the median of `ROUNDS` samples (interleaved with the pass's other candidates), each generated tokens
+per second over `STEPS` steps with every slot busy, after the prompts are in (prompt
+processing is paid once per story whatever the pick, and the cached prefix makes it small), sampling included, since a
+wider batch also samples more rows per step.
 
 Where a batched step goes (SmolLM2-135M, 64 sequences, f32 weights, 2 threads, AMD EPYC with AVX2 only, measured
 with `profile_steps` while the 2 cores were shared with heavy other work, so as shares, not times): llama_decode is
@@ -23,15 +25,19 @@ So the weight type (which matmul kernel runs) and the width (how well the matmul
 the knobs that matter; the Python around the step is not worth moving out. The third is attention: with 64 stories a
 step reads 64 KV streams, and llama.cpp's flash-attention kernel made a step slower on the AVX-512 machine these
 defaults came from but about 20% faster on a 2-core AVX2-only EPYC (q4_0, 64 sequences, steps interleaved in one
-run: median 186 -> 225 tokens/s on a loaded host), so it is measured too. Quantised KV cells (q8_0) did not help
-there and f32 cells were 2.5x slower; the KV cells stay f16.
+run: median 186 -> 225 tokens/s on a loaded host), so it is measured too. The fourth is the keys' cache cells:
+attention's share of a step grows with the context (on that EPYC, 64 sequences, f16 weights: ~220 ms per step at
+position 90, ~290 at 250), and q8_0 keys with f16 values made steps 4-10% faster there (interleaved), q8_0 values
+too only 1-7%, f32 cells 2.5x slower; so q8_0 keys are a candidate, values stay f16.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -46,7 +52,8 @@ if TYPE_CHECKING:
 
 WEIGHT_TYPES = ("f32", "f16", "q8_0", "q4_0")
 WIDTHS = (64, 32, 16)  # the first is the width the weight types are compared at
-FALLBACK = {"requantize": "f32", "parallel": 64, "flash_attn": False}
+FALLBACK = {"requantize": "f32", "parallel": 64, "flash_attn": False, "cache_type_k": "f16"}
+CACHE_TYPES = ("f16", "q8_0")  # the first is llama.cpp's default
 # A weight type is a candidate for auto only if the model's per-token loss on PROBE stays within this fraction of the
 # file's own (SmolLM2-135M, Q4_1 as shipped: f32, f16 and q8_0 within 0.1%; q4_0 11.5% worse, a perplexity of 11.1
 # instead of 8.7, measured on 40 held-out TinyStories; it would have won on speed alone).
@@ -61,7 +68,8 @@ PROBE = (
 )
 KNOBS = tuple(FALLBACK)  # the config fields that "auto" resolves
 MIN_STORIES_TO_TUNE = 32
-STEPS = 12
+STEPS = 8  # per sample; ROUNDS samples per candidate and pass
+ROUNDS = 3
 DEFAULT_FILE = Path("~/.cache/scriptorium/synthesize-tuning.json")
 
 
@@ -88,42 +96,60 @@ def machine_key(gguf: Path, threads: int) -> str:
     return json.dumps(ident, sort_keys=True)
 
 
-def label(kind: str, width: int, flash: bool) -> str:
-    return f"{kind}@{width}" + ("+fa" if flash else "")
+def label(kind: str, width: int, flash: bool, cache_k: str = "f16") -> str:
+    return f"{kind}@{width}" + ("+fa" if flash else "") + ("" if cache_k == "f16" else f"+k:{cache_k}")
 
 
-def choose(measure: Callable[[str, int, bool], float], types=WEIGHT_TYPES, widths=WIDTHS, flash=(True, False)
-           ) -> tuple[dict, dict[str, float]]:
-    """The fastest (requantize, parallel, flash_attn) by `measure(type, width, flash) -> tokens/s`; a candidate that
-    fails to load or run (a quantizer refusing a type, memory) measures as 0. Returns the pick and every figure."""
-    figures: dict[str, float] = {}
+def choose(measure: Callable[[str, int, bool, str], float], types=WEIGHT_TYPES, widths=WIDTHS, flash=(True, False),
+           cache_types=CACHE_TYPES) -> tuple[dict, dict[str, float]]:
+    """The fastest (requantize, parallel, flash_attn, cache_type_k) by `measure(type, width, flash, cache_k) ->
+    tokens/s`; a candidate that fails to load or run (a quantizer refusing a type, memory) measures as 0. Returns the
+    pick and every figure (the median of a candidate's samples).
 
-    def rate(kind: str, width: int, fa: bool) -> float:
-        key = label(kind, width, fa)
-        if key not in figures:
-            try:
-                figures[key] = float(measure(kind, width, fa))
-            except Exception:  # noqa: BLE001 (a candidate that cannot run is simply not picked)
-                figures[key] = 0.0
-        return figures[key]
+    Each pass measures its candidates in ROUNDS interleaved rounds (a, b, c, a, b, c, ...) and compares medians: on a
+    shared host the speed drifts by more than the differences measured here within a minute, so candidates measured
+    one after the other would be ranked by the moment each ran."""
+    samples: dict[str, list[float]] = {}
 
-    kind = max(types, key=lambda t: rate(t, widths[0], flash[0]))
-    fa = max(flash, key=lambda f: rate(kind, widths[0], f))
-    width = max(widths, key=lambda w: rate(kind, w, fa))
-    if figures[label(kind, width, fa)] <= 0:
+    def one(candidate: tuple) -> float:
+        try:
+            return float(measure(*candidate))
+        except Exception:  # noqa: BLE001 (a candidate that cannot run is simply not picked)
+            return 0.0
+
+    def fastest(candidates: list[tuple]) -> tuple:
+        if len(candidates) == 1 and label(*candidates[0]) in samples:
+            return candidates[0]  # nothing to compare it with
+        for _ in range(ROUNDS):
+            for c in candidates:
+                if samples.get(label(*c)) == [0.0]:
+                    continue  # it could not run: no second try
+                samples.setdefault(label(*c), []).append(one(c))
+        return max(candidates, key=lambda c: statistics.median(samples[label(*c)]))
+
+    k0 = cache_types[0]
+    kind = fastest([(t, widths[0], flash[0], k0) for t in types])[0]
+    fa = fastest([(kind, widths[0], f, k0) for f in flash])[2]
+    width = fastest([(kind, w, fa, k0) for w in widths])[1]
+    cache_k = fastest([(kind, width, fa, k) for k in cache_types])[3]
+    figures = {key: statistics.median(values) for key, values in samples.items()}
+    if figures[label(kind, width, fa, cache_k)] <= 0:
         return dict(FALLBACK), figures
-    return {"requantize": kind, "parallel": width, "flash_attn": fa}, figures
+    return {"requantize": kind, "parallel": width, "flash_attn": fa, "cache_type_k": cache_k}, figures
 
 
-def probe_loss(gguf: Path, kind: str | None, threads: int) -> float:
-    """Mean next-token loss (nats) of the model on PROBE with its weights converted to `kind` (None: as shipped)."""
+def probe_loss(gguf: Path, kind: str | None, threads: int, cache_k: str = "f16") -> float:
+    """Mean next-token loss (nats) of the model on PROBE with its weights converted to `kind` (None: as shipped) and
+    its attention keys cached as `cache_k`."""
     import llama_cpp
 
     from tasks.synthesis.llamacpp import requantize_gguf
 
     weights = requantize_gguf(gguf, kind) if kind else gguf
+    cells = {} if cache_k == "f16" else {"type_k": llama_cpp.GGML_TYPE_Q8_0, "flash_attn": True}
     try:
-        llm = llama_cpp.Llama(model_path=str(weights), n_ctx=512, n_threads=threads, logits_all=True, verbose=False)
+        llm = llama_cpp.Llama(model_path=str(weights), n_ctx=512, n_threads=threads, logits_all=True, verbose=False,
+                              **cells)
     finally:
         if kind:
             weights.unlink(missing_ok=True)
@@ -138,20 +164,27 @@ def probe_loss(gguf: Path, kind: str | None, threads: int) -> float:
     return float(np.mean(lse - logits[np.arange(len(tokens) - 1), tokens[1:]]))
 
 
-def faithful_types(gguf: Path, threads: int, loss: Callable[[Path, str | None, int], float] = probe_loss
-                   ) -> tuple[tuple[str, ...], dict[str, float]]:
-    """The WEIGHT_TYPES that keep the model's loss on PROBE within MAX_LOSS_INCREASE of the file's own (auto trades
-    no quality for speed), and every loss measured ("as shipped" for the file's own). A type that fails to convert or
-    load is left out."""
+def faithful_types(gguf: Path, threads: int, loss: Callable[..., float] = probe_loss, cache_types=CACHE_TYPES[1:]
+                   ) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, float]]:
+    """The WEIGHT_TYPES, and the key-cell types (f16 always; `cache_types` as candidates), that keep the model's loss on
+    PROBE within MAX_LOSS_INCREASE of the file's own (auto trades no quality for speed), and every loss measured ("as
+    shipped" for the file's own, "k:q8_0" for its weights as shipped with q8_0 key cells). A type that fails to convert
+    or load is left out."""
     losses = {"as shipped": loss(gguf, None, threads)}
     for kind in WEIGHT_TYPES:
         try:
             losses[kind] = loss(gguf, kind, threads)
         except Exception:  # noqa: BLE001 (a type that cannot be made is not a candidate)
             continue
+    for cache_k in cache_types:
+        try:
+            losses[f"k:{cache_k}"] = loss(gguf, None, threads, cache_k)
+        except Exception:  # noqa: BLE001
+            continue
     limit = losses["as shipped"] * (1 + MAX_LOSS_INCREASE)
     kept = tuple(k for k in WEIGHT_TYPES if k in losses and losses[k] <= limit)
-    return kept or (FALLBACK["requantize"],), losses
+    cells = (CACHE_TYPES[0],) + tuple(k for k in cache_types if losses.get(f"k:{k}", math.inf) <= limit)
+    return kept or (FALLBACK["requantize"],), cells, losses
 
 
 def has_auto(cfg: "SynthesizeConfig") -> bool:
@@ -168,10 +201,10 @@ def read_cache(path: Path) -> dict:
 
 
 def tuned(cfg: "SynthesizeConfig", gguf: Path, threads: int, stories: int | None = None,
-          measure: Callable[[str, int, bool], float] | None = None,
-          loss: Callable[[Path, str | None, int], float] = probe_loss) -> dict:
-    """The concrete {requantize, parallel, flash_attn} for `cfg` (its own values where they are not "auto"): from the
-    cache, by measuring (and caching), or the fallback for a small job."""
+          measure: Callable[[str, int, bool, str], float] | None = None,
+          loss: Callable[..., float] = probe_loss) -> dict:
+    """The concrete {requantize, parallel, flash_attn, cache_type_k} for `cfg` (its own values where they are not
+    "auto"): from the cache, by measuring (and caching), or the fallback for a small job."""
     from tasks.stage import write_json
 
     wanted = {k for k in KNOBS if getattr(cfg, k) == "auto"}
@@ -185,10 +218,17 @@ def tuned(cfg: "SynthesizeConfig", gguf: Path, threads: int, stories: int | None
         return {**{k: cached[k] for k in wanted}, **fixed}
     if stories is not None and stories < MIN_STORIES_TO_TUNE:
         return {**{k: FALLBACK[k] for k in wanted}, **fixed}
-    types, losses = faithful_types(gguf, threads, loss) if "requantize" in wanted else ((fixed["requantize"],), {})
+    candidates = CACHE_TYPES[1:] if "cache_type_k" in wanted else ()
+    if "requantize" in wanted or candidates:
+        types, cells, losses = faithful_types(gguf, threads, loss, candidates)
+    else:
+        types, cells, losses = (fixed["requantize"],), (), {}
+    types = types if "requantize" in wanted else (fixed["requantize"],)
+    cells = cells if "cache_type_k" in wanted else (fixed["cache_type_k"],)
     widths = WIDTHS if "parallel" in wanted else (fixed["parallel"],)
     flash = (True, False) if "flash_attn" in wanted else (fixed["flash_attn"],)
-    pick, figures = choose(measure or (lambda t, w, f: measure_rate(cfg, t, w, f, threads)), types, widths, flash)
+    pick, figures = choose(measure or (lambda t, w, f, k: measure_rate(cfg, t, w, f, threads, k)), types, widths,
+                           flash, cells)
     if wanted == set(KNOBS):  # only a full search is a machine's answer
         entries = read_cache(path)
         entries[key] = {**pick, "tokens_per_s": figures, "probe_loss": losses,
@@ -209,13 +249,14 @@ def resolve(cfg: "SynthesizeConfig", stories: int | None = None) -> "SynthesizeC
     return cfg.model_copy(update=tuned(cfg, gguf, cfg.n_threads or default_threads(), stories))
 
 
-def measure_rate(cfg: "SynthesizeConfig", kind: str, width: int, flash: bool, threads: int) -> float:
-    """Generated tokens/s of the backend with `kind` weights, `width` sequences and flash attention on or off (see
-    `profile_steps`)."""
+def measure_rate(cfg: "SynthesizeConfig", kind: str, width: int, flash: bool, threads: int, cache_k: str = "f16"
+                 ) -> float:
+    """Generated tokens/s of the backend with `kind` weights, `width` sequences, flash attention on or off and
+    `cache_k` key cells (see `profile_steps`)."""
     from tasks.synthesis.llamacpp import LlamaCppBackend
 
     backend = LlamaCppBackend(cfg.model_copy(update={"requantize": kind, "parallel": width, "flash_attn": flash,
-                                                     "n_threads": threads}))
+                                                     "n_threads": threads, "cache_type_k": cache_k}))
     try:
         profile = profile_steps(backend, STEPS)
         return profile["tokens"] / (profile["decode_s"] + profile["sample_s"] + profile["fill_s"])
