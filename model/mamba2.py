@@ -9,9 +9,10 @@ uses the chunked SSD algorithm (`ssd_scan`, the paper's ssd_minimal): within a c
 unrolled into a masked, attention-like matmul; across chunks only the states are carried. That is all
 matmuls and cumsums, so it runs anywhere; no Triton/CUDA kernels. Where float32 allows (every chunk's
 decays within exp(-128), as at initialisation), the within-chunk decays are factored per step
-(`_factored_scan`), so one matmul per chunk serves all heads; else the paper's per-head segsum form runs. On a CPU the matmuls are the cheap
-part: the scan and the gated norm are autograd Functions with written-out backward passes, because
-autograd's versions spend more time writing out intermediate tensors than the arithmetic takes
+(`_factored_decays`), so one matmul per chunk serves all heads; else the paper's per-head segsum form
+runs. On a CPU the matmuls are the cheap part: the scan and the gated norm are autograd Functions with
+written-out backward passes, because autograd's versions spend more time writing out intermediate tensors
+than the arithmetic takes
 (tests/test_mamba2_scan.py holds them to the sequential recurrence and to autograd's gradients).
 Generation runs the recurrence one token at a time (`Mamba2Mixer.step`) with a constant-size state, so
 there is no context limit.
@@ -78,16 +79,19 @@ def ssd_scan(x, a, b, c, chunk_size: int, initial_state=None, dt=None, D=None, f
         Q, n_chunks = chunk_size, (L + pad) // chunk_size
         # A float64 cumsum: the decays below are differences of it (see _decay_within).
         cs = a.reshape(Bsz, n_chunks, Q, H).double().cumsum(dim=2)
-        if factored or (factored is None and factorable(cs)):
-            return _factored_scan(x, a, b, c, cs, L, pad, initial_state, dt, D)
-        to_end = torch.exp(cs[:, :, -1:] - cs).to(x.dtype)  # decay from each step to its chunk's end
-        from_start = torch.exp(cs).to(x.dtype)  # decay from its chunk's start to each step
         # across[z, j]: from the end of chunk j - 1 to the start of chunk z; column 0 is the initial state.
-        across = torch.exp(segsum(F.pad(cs[:, :, -1].transpose(1, 2), (1, 0)))).to(x.dtype)
+        across = torch.exp(segsum(F.pad(cs[:, :, -1].transpose(1, 2), (1, 0))))  # (B, H, c+1, c+1)
+        dtype = x.dtype
         x, dt, b, c = (None if t is None else t.reshape(Bsz, n_chunks, Q, *t.shape[2:]) for t in (x, dt, b, c))
-        y, final_state = _ChunkedScan.apply(
-            x, dt, D, b, c, cs.permute(1, 0, 3, 2).contiguous(), to_end, from_start, across, initial_state
-        )
+        if factored or (factored is None and factorable(cs)):
+            y, final_state = _FactoredScan.apply(x, dt, D, b, c, *_factored_decays(cs, across, dtype), initial_state)
+        else:
+            to_end = torch.exp(cs[:, :, -1:] - cs).to(dtype)  # decay from each step to its chunk's end
+            from_start = torch.exp(cs).to(dtype)  # decay from its chunk's start to each step
+            y, final_state = _ChunkedScan.apply(
+                x, dt, D, b, c, cs.permute(1, 0, 3, 2).contiguous(), to_end, from_start, across.to(dtype),
+                initial_state
+            )
         y = y.view(Bsz, n_chunks * Q, H, P)
         return (y[:, :L] if pad else y), final_state
 
@@ -106,33 +110,27 @@ def factorable(cs: torch.Tensor) -> bool:
     return bool((cs[:, :, 0] - cs[:, :, -1]).max() <= 2 * FACTOR_LOG_LIMIT) if cs.numel() else True
 
 
-def _factored_scan(x, a, b, c, cs, L, pad, s0, dt, D):
-    """`ssd_scan` with the decays factored per chunk, exp(cs[l] - cs[s]) = u[l] * v[s] with u = exp(cs - ref) and
-    v = exp(ref - cs), ref the middle of the chunk's cumsum range (so no factor exceeds exp(FACTOR_LOG_LIMIT)).
-    Then every head's within-chunk matrix is diag(u) (C B^T) diag(v), and as C B^T is shared by the heads, the
-    within-chunk term is one (Q x Q) by (Q x H*P) matmul per chunk instead of H per-head (Q x Q) matrices built,
-    masked and multiplied. The chunk-to-chunk decays fold into the small matrix that carries the states
-    (`_pass_states`). ref is a constant (y does not depend on it), so it is detached."""
-    Bsz, _, H, P = x.shape
-    n_chunks, Q = cs.shape[1], cs.shape[2]
+def _factored_decays(cs: torch.Tensor, across: torch.Tensor, dtype) -> tuple[torch.Tensor, ...]:
+    """The decays of `_FactoredScan` from the per-chunk cumsums cs (B, c, Q, H) and the chunk-to-chunk decays across
+    (B, H, c+1, c+1): u, v (B, c, Q, H), to_end (B, c, H) and carry (B, H, c+1, c+1), in `dtype`.
+
+    Within a chunk exp(cs[l] - cs[s]) = u[l] * v[s] with u = exp(cs - ref) and v = exp(ref - cs), ref the middle of
+    the chunk's cumsum range (so no factor exceeds exp(FACTOR_LOG_LIMIT)). Then every head's within-chunk matrix is
+    diag(u) (C B^T) diag(v), and as C B^T is shared by the heads, the within-chunk term is one (Q x Q) by (Q x H*P)
+    matmul per chunk instead of H per-head (Q x Q) matrices built, masked and multiplied. to_end is what v lacks of
+    the decay to the chunk's end, exp(end - ref); carry is across times exp(ref) of chunk z, what u lacks of the decay
+    from that chunk's start (the last row gives the final state, with no ref). ref is a constant (y does not depend
+    on it), so it is detached."""
     ref = (0.5 * (cs[:, :, :1] + cs[:, :, -1:])).detach()  # (B, c, 1, H)
-    u = torch.exp(cs - ref).to(x.dtype)  # (B, c, Q, H)
-    v = torch.exp(ref - cs).to(x.dtype)
-    # to_end: what v lacks of the decay to the chunk's end, exp(end - ref) (B, c, H). carry[z, j]: the decay from the
-    # end of chunk j - 1 to the start of chunk z (column 0: the initial state), times exp(ref) of chunk z, what u
-    # lacks of the decay from that chunk's start; the last row gives the final state, with no ref.
-    to_end = torch.exp(cs[:, :, -1] - ref[:, :, 0]).to(x.dtype)
-    across = torch.exp(segsum(F.pad(cs[:, :, -1].transpose(1, 2), (1, 0))))  # (B, H, c+1, c+1)
+    u = torch.exp(cs - ref).to(dtype)
+    v = torch.exp(ref - cs).to(dtype)
+    to_end = torch.exp(cs[:, :, -1] - ref[:, :, 0]).to(dtype)
     into = F.pad(torch.exp(ref[:, :, 0]).transpose(1, 2), (0, 1), value=1.0)  # (B, H, c+1)
-    carry = (across * into[..., :, None]).to(x.dtype)
-    x, dt, b, c = (None if t is None else t.reshape(Bsz, n_chunks, Q, *t.shape[2:]) for t in (x, dt, b, c))
-    y, final_state = _FactoredScan.apply(x, dt, D, b, c, u, v, to_end, carry, s0)
-    y = y.view(Bsz, n_chunks * Q, H, P)
-    return (y[:, :L] if pad else y), final_state
+    return u, v, to_end, (across * into[..., :, None]).to(dtype)
 
 
 class _FactoredScan(torch.autograd.Function):
-    """The chunked SSD with factored decays; see `_factored_scan`. Per (batch, chunk), with w = v * dt:
+    """The chunked SSD with factored decays; see `_factored_decays`. Per (batch, chunk), with w = v * dt:
 
         X = w x                                     (the chunk's input, each step scaled towards the chunk's end)
         state_own = to_end * X^T B,  state_in(z) = sum_j carry[z, j] state_own(j - 1)  (+ carry[z, 0] s0)
