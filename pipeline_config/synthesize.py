@@ -152,8 +152,8 @@ class SynthesizeConfig(BaseModel):
     )
     tuning_file: Path | None = Field(
         None, exclude=True, description="llamacpp: where the picks of requantize/parallel/flash_attn/cache_type_k "
-        "auto are kept, per "
-        "machine (CPU, flags, threads, llama.cpp version, GGUF); None: ~/.cache/scriptorium/synthesize-tuning.json",
+        "auto are kept, per machine (CPU, flags, threads, llama.cpp version, GGUF); None: "
+        "~/.cache/scriptorium/synthesize-tuning.json",
     )
 
     quality: QualityConfig = Field(default_factory=QualityConfig, description="quality-gate thresholds")

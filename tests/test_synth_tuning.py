@@ -96,6 +96,20 @@ def test_a_fixed_value_is_kept_and_a_small_job_does_not_measure(tmp_path, monkey
     assert tuning.tuned(small, gguf, 2, 4, refuse, fake_loss) == tuning.FALLBACK
 
 
+def test_only_the_knobs_left_to_auto_are_probed_for_quality(tmp_path, monkeypatch):
+    """A weight type the user fixed is not probed (each probe converts the weights and runs the model)."""
+    monkeypatch.setattr(tuning, "ROUNDS", 1)
+    probed: list[tuple] = []
+
+    def loss(gguf, kind, threads, cache_k="f16"):
+        probed.append((kind, cache_k))
+        return fake_loss(gguf, kind, threads, cache_k)
+    cfg = SynthesizeConfig(n=100, requantize="q8_0", tuning_file=tmp_path / "t.json")
+    picked = tuning.tuned(cfg, default_gguf(), 2, 100, fake_measure([]), loss)
+    assert probed == [(None, "f16"), (None, "q8_0")]  # the file's own loss, and with q8_0 key cells
+    assert picked["requantize"] == "q8_0" and picked["cache_type_k"] == "q8_0"
+
+
 def test_a_real_short_measurement_on_the_packaged_model(monkeypatch):
     monkeypatch.setattr(tuning, "STEPS", 2)
     cfg = SynthesizeConfig(n=2, max_tokens=16)

@@ -164,14 +164,14 @@ def probe_loss(gguf: Path, kind: str | None, threads: int, cache_k: str = "f16")
     return float(np.mean(lse - logits[np.arange(len(tokens) - 1), tokens[1:]]))
 
 
-def faithful_types(gguf: Path, threads: int, loss: Callable[..., float] = probe_loss, cache_types=CACHE_TYPES[1:]
-                   ) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, float]]:
-    """The WEIGHT_TYPES, and the key-cell types (f16 always; `cache_types` as candidates), that keep the model's loss on
-    PROBE within MAX_LOSS_INCREASE of the file's own (auto trades no quality for speed), and every loss measured ("as
+def faithful_types(gguf: Path, threads: int, loss: Callable[..., float] = probe_loss, types=WEIGHT_TYPES,
+                   cache_types=CACHE_TYPES[1:]) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, float]]:
+    """The weight `types`, and the key-cell types (f16 always; `cache_types` as candidates), that keep the model's loss
+    on PROBE within MAX_LOSS_INCREASE of the file's own (auto trades no quality for speed), and every loss measured ("as
     shipped" for the file's own, "k:q8_0" for its weights as shipped with q8_0 key cells). A type that fails to convert
     or load is left out."""
     losses = {"as shipped": loss(gguf, None, threads)}
-    for kind in WEIGHT_TYPES:
+    for kind in types:
         try:
             losses[kind] = loss(gguf, kind, threads)
         except Exception:  # noqa: BLE001 (a type that cannot be made is not a candidate)
@@ -182,7 +182,7 @@ def faithful_types(gguf: Path, threads: int, loss: Callable[..., float] = probe_
         except Exception:  # noqa: BLE001
             continue
     limit = losses["as shipped"] * (1 + MAX_LOSS_INCREASE)
-    kept = tuple(k for k in WEIGHT_TYPES if k in losses and losses[k] <= limit)
+    kept = tuple(k for k in types if k in losses and losses[k] <= limit)
     cells = (CACHE_TYPES[0],) + tuple(k for k in cache_types if losses.get(f"k:{k}", math.inf) <= limit)
     return kept or (FALLBACK["requantize"],), cells, losses
 
@@ -218,13 +218,14 @@ def tuned(cfg: "SynthesizeConfig", gguf: Path, threads: int, stories: int | None
         return {**{k: cached[k] for k in wanted}, **fixed}
     if stories is not None and stories < MIN_STORIES_TO_TUNE:
         return {**{k: FALLBACK[k] for k in wanted}, **fixed}
-    candidates = CACHE_TYPES[1:] if "cache_type_k" in wanted else ()
-    if "requantize" in wanted or candidates:
-        types, cells, losses = faithful_types(gguf, threads, loss, candidates)
-    else:
-        types, cells, losses = (fixed["requantize"],), (), {}
-    types = types if "requantize" in wanted else (fixed["requantize"],)
-    cells = cells if "cache_type_k" in wanted else (fixed["cache_type_k"],)
+    # Only the knobs left to auto are probed for quality: a fixed weight type or key-cell type is the user's choice.
+    types, cells, losses = (fixed.get("requantize"),), (fixed.get("cache_type_k"),), {}
+    if {"requantize", "cache_type_k"} & wanted:
+        kept, kept_cells, losses = faithful_types(gguf, threads, loss,
+                                                  WEIGHT_TYPES if "requantize" in wanted else (),
+                                                  CACHE_TYPES[1:] if "cache_type_k" in wanted else ())
+        types = kept if "requantize" in wanted else types
+        cells = kept_cells if "cache_type_k" in wanted else cells
     widths = WIDTHS if "parallel" in wanted else (fixed["parallel"],)
     flash = (True, False) if "flash_attn" in wanted else (fixed["flash_attn"],)
     pick, figures = choose(measure or (lambda t, w, f, k: measure_rate(cfg, t, w, f, threads, k)), types, widths,
