@@ -8,29 +8,41 @@
     texts = generate_text(model, tokenizer, ["Once upon a time"])  # model/generation.py: prompt -> text
 
 Every model also offers configure_optimizers(), num_params() and flops_per_token().
+
+Importing this package does not import torch (`ModelConfig` is all the configuration schema needs, and a fully cached
+pipeline run reads nothing else): the architectures load on first use.
 """
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
-
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any
 
 from .config import ARCHS, ModelConfig, ModelSection
-from .gpt import GPT
-from .llama import Llama
-from .mamba2 import Mamba2
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+    from .gpt import GPT
+    from .llama import Llama
+    from .mamba2 import Mamba2
+
+_ARCH_CLASSES = {"GPT": ".gpt", "Llama": ".llama", "Mamba2": ".mamba2"}
 
 __all__ = ["ARCHS", "ModelConfig", "ModelSection", "GPT", "Llama", "Mamba2", "build_model", "load_model"]
 
 
+def __getattr__(name: str) -> Any:  # PEP 562: `from model import GPT` imports torch only then
+    if name in _ARCH_CLASSES:
+        return getattr(importlib.import_module(_ARCH_CLASSES[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
-    if cfg.arch == "gpt":
-        return GPT(cfg)
-    if cfg.arch == "llama":
-        return Llama(cfg)
-    if cfg.arch == "mamba2":
-        return Mamba2(cfg)
+    classes = {"gpt": "GPT", "llama": "Llama", "mamba2": "Mamba2"}
+    if cfg.arch in classes:
+        return __getattr__(classes[cfg.arch])(cfg)
     raise ValueError(f"unknown model arch {cfg.arch!r}: choose one of {', '.join(ARCHS)}")
 
 

@@ -18,18 +18,18 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from model import load_model
-from model.generation import generate_text
 from model.tokenizer import load_tokenizer
 from pipeline_config.schema import EvaluateConfig
 from tasks.corpus.reader import ShardTokens, split_languages, split_tokens
 from tasks.stage import Artifact, Stage, atomic_path, describe_files, prefect_task, write_json
 from tasks.train import MODEL_CONFIG, WEIGHTS
+
+if TYPE_CHECKING:  # torch loads when the stage runs, not when a cached run imports the pipeline
+    import torch
 
 SAMPLES = "samples.json"
 METRICS = "metrics.json"
@@ -49,10 +49,11 @@ def _consecutive_windows(tokens: ShardTokens, block_size: int, limit: int) -> li
     return windows
 
 
-@torch.no_grad()
 def validation_loss(model: torch.nn.Module, tokens: np.ndarray | ShardTokens, block_size: int, batch_size: int,
                     max_batches: int) -> tuple[float, int]:
     """Mean per-token cross-entropy (nats) over consecutive windows, and the number of tokens scored."""
+    import torch
+
     device = next(model.parameters()).device
     tokens = ShardTokens.of(tokens)
     windows = _consecutive_windows(tokens, block_size, batch_size * max_batches)
@@ -64,7 +65,8 @@ def validation_loss(model: torch.nn.Module, tokens: np.ndarray | ShardTokens, bl
                 loaded = (index, tokens.read(index))  # one shard in memory at a time
             rows.append(loaded[1][start : start + length].astype(np.int64))
         window = torch.from_numpy(np.stack(rows)).to(device)
-        _, loss = model(window[:, :-1], window[:, 1:])
+        with torch.no_grad():
+            _, loss = model(window[:, :-1], window[:, 1:])
         scored = window[:, 1:].numel()
         total += loss.item() * scored
         count += scored
@@ -92,6 +94,8 @@ def language_metrics(losses: dict[str | None, tuple[float, int]], totals: dict[s
 
 def generate_samples(model: torch.nn.Module, tokenizer: Any, cfg: EvaluateConfig) -> list[dict[str, Any]]:
     """Each prompt continued greedily and sampled at `cfg.temperature`, through model/generation.py."""
+    from model.generation import generate_text
+
     samples = []
     for prompt in cfg.prompts:
         for mode, temperature in (("greedy", 0.0), ("sampled", cfg.temperature)):
@@ -103,6 +107,8 @@ def generate_samples(model: torch.nn.Module, tokenizer: Any, cfg: EvaluateConfig
 
 def evaluate(cfg: EvaluateConfig, out_dir: Path, log: logging.Logger, *,
              tokenizer: Artifact, shard: Artifact, train: Artifact) -> dict[str, Any]:
+    from model import load_model
+
     model = load_model(train.path / WEIGHTS, train.path / MODEL_CONFIG)
     text_tokenizer = load_tokenizer(tokenizer.path)
     block_size = train.manifest["model_config"]["block_size"]

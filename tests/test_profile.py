@@ -13,7 +13,8 @@ from model.profile import activation_bytes, model_profile
 from pipeline_config.schema import ModelSection, TokenizerConfig, TrainConfig
 from tasks.stage import write_json, write_manifest
 from tasks.tokenizer import build_tokenizer
-from tasks.training.loop import PROFILE, train
+from tasks.training.files import PROFILE
+from tasks.training.loop import train
 
 LOG = logging.getLogger("test")
 V, C, L, T = 100, 32, 2, 16

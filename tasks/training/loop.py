@@ -32,16 +32,15 @@ from tasks.corpus.reader import ShardTokens
 from tasks.reporting.prefect_artifacts import Progress
 from tasks.stage import PipelineError, read_jsonl, write_atomic, write_json
 from tasks.training.allocator import kept_heap
-from tasks.training.checkpoints import CHECKPOINTS, load_checkpoint, save_checkpoint
+from tasks.training.checkpoints import load_checkpoint, save_checkpoint
 from tasks.training.data import Windows  # noqa: F401  (windows per shard; imported from here too)
 from tasks.training.devices import autocast, autocast_dtype, pick_device
 from tasks.training.distributed import agreed_elapsed, init_distributed
 from tasks.training.emissions import emissions_tracker
+from tasks.training.files import CHECKPOINTS, DIVERGED, METRICS, PROFILE, RESUMABLE_KNOBS
 from tasks.training.muon import build_optimizer
 from tasks.training.samples import checkpoint_samples
 
-METRICS = "metrics.jsonl"
-PROFILE = "profile.json"  # parameters by component, FLOPs per token, memory estimate (model/profile.py)
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # first element of every window key: training and evaluation never share draws
 
 
@@ -53,11 +52,6 @@ class SplitTooShort(PipelineError, ValueError):
     """A split holds no window of the context length; the message names the split and the fix."""
 
 
-# Knobs a diverged run is re-run with: they do not change the train stage's work directory, so the re-run resumes
-# from the last finite checkpoint. The time budget is one too (a stopping rule). A change to a learning-rate knob
-# *without* a divergence starts over, so a finished run never passes for one trained under the new schedule.
-RESUMABLE_KNOBS = frozenset({"learning_rate", "min_lr_ratio", "warmup_steps", "grad_clip", "max_seconds"})
-DIVERGED = "diverged.json"
 
 
 @torch.no_grad()

@@ -19,8 +19,7 @@ import torch
 
 from pipeline_config.schema import CheckpointSamplesConfig, EvaluateConfig
 from tasks.stage import read_jsonl, write_atomic
-
-SAMPLES = "samples.jsonl"
+from tasks.training.files import SAMPLES
 
 
 class CheckpointSamples:
