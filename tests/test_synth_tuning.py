@@ -146,3 +146,13 @@ def test_q8_0_key_cells_keep_the_probe_loss_on_the_packaged_model():
     own = tuning.probe_loss(gguf, None, threads=2)
     with_q8_keys = tuning.probe_loss(gguf, None, threads=2, cache_k="q8_0")
     assert with_q8_keys <= own * (1 + tuning.MAX_LOSS_INCREASE)
+
+
+def test_the_machine_key_names_the_llama_cpp_build(monkeypatch):
+    """Real llama.cpp: its CPU backend is named in the key; a build with another backend set (BLAS, which turns f16
+    weights from the fastest into the slowest candidate) gets another key, so it never reads this build's pick."""
+    gguf = default_gguf()
+    assert tuning.llama_build().split("|")[0].split(",").count("CPU") == 1
+    key = tuning.machine_key(gguf, 2)
+    monkeypatch.setattr(tuning, "llama_build", lambda: "BLAS,CPU|0123456789abcdef")
+    assert tuning.machine_key(gguf, 2) != key

@@ -1,12 +1,13 @@
 """`synthesize.requantize/parallel/flash_attn/cache_type_k: auto`: measure this machine once, keep the pick.
 
 Which weight type and batch width write stories fastest depends on the CPU's kernels (AVX-512 or AVX2 only, bf16
-instructions or not), on the thread count and on llama.cpp's version, so they are measured rather than guessed: a
-short timed decode per candidate, the fastest kept in a JSON file (`synthesize.tuning_file`, by default
+instructions or not), on the thread count and on llama.cpp's version and build, so they are measured rather than
+guessed: a short timed decode per candidate, the fastest kept in a JSON file (`synthesize.tuning_file`, by default
 ~/.cache/scriptorium/synthesize-tuning.json) under a key made of the CPU model, its flags, the thread count, the
-llama-cpp-python version and the GGUF (name and size). A later load on the same machine reads the pick back at no
-cost. A small job (fewer stories than `MIN_STORIES_TO_TUNE`) with nothing cached does not measure: it takes
-`FALLBACK`, since the measurement would cost more than it saves.
+llama-cpp-python version and build (its ggml backends, e.g. BLAS, and CPU feature line) and the GGUF (name and size).
+A later load on the same machine reads the pick back at no cost. A small job (fewer stories than
+`MIN_STORIES_TO_TUNE`) with nothing cached does not measure: it takes `FALLBACK`, since the measurement would cost
+more than it saves.
 
 Only weight types that keep the model's quality are candidates (`faithful_types`: its loss on a short probe story
 within 2% of the GGUF as shipped): speed is never bought with worse stories. The search is four passes, not the grid:
@@ -88,11 +89,33 @@ def cpu_identity() -> dict[str, str]:
     return {"cpu": model, "flags": hashlib.sha256(flags.encode()).hexdigest()[:16]}
 
 
+def llama_build() -> str:
+    """How this llama.cpp was built: its backends and its CPU feature line. The same version built another way ranks
+    the candidates differently: with a BLAS backend (CMAKE_ARGS=-DGGML_BLAS=ON) every batched matmul goes through
+    BLAS, which converts f16 weights to f32 at each call (measured on the AVX2 EPYC, 64 sequences: f16 weights 56
+    tokens/s against 250 without BLAS, f32 weights 240)."""
+    import ctypes
+
+    import llama_cpp
+
+    backends = []
+    try:  # ggml's registry, reached through libllama (it links libggml)
+        lib = llama_cpp.llama_cpp._lib
+        count, get, name = lib.ggml_backend_reg_count, lib.ggml_backend_reg_get, lib.ggml_backend_reg_name
+        count.restype, get.restype, get.argtypes = ctypes.c_size_t, ctypes.c_void_p, [ctypes.c_size_t]
+        name.restype, name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+        backends = sorted(name(get(i)).decode() for i in range(count()))
+    except (AttributeError, OSError):
+        pass
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    return ",".join(backends) + "|" + hashlib.sha256(info.encode()).hexdigest()[:16]
+
+
 def machine_key(gguf: Path, threads: int) -> str:
     import llama_cpp
 
-    ident = {**cpu_identity(), "threads": threads, "llama_cpp": llama_cpp.__version__, "gguf": gguf.name,
-             "gguf_bytes": gguf.stat().st_size}
+    ident = {**cpu_identity(), "threads": threads, "llama_cpp": llama_cpp.__version__, "build": llama_build(),
+             "gguf": gguf.name, "gguf_bytes": gguf.stat().st_size}
     return json.dumps(ident, sort_keys=True)
 
 
