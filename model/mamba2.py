@@ -154,7 +154,7 @@ class _FactoredScan(torch.autograd.Function):
         per_head = (own.size(0), H, P * own.size(-1))
         own_scaled = _into(per_head, own, torch.mul, own.view(per_head), to_end.transpose(0, 1).reshape(-1, H, 1))
         states, s_in, final_state = _pass_states(own_scaled.view(own.shape), carry, s0)
-        g = torch.bmm(c, b.transpose(1, 2)).masked_fill_(_above_diagonal(Q, x.device), 0)  # C B^T, causal
+        g = _causal(torch.bmm(c, b.transpose(1, 2)))  # C B^T
         yu = torch.bmm(c, s_in.transpose(1, 2)).baddbmm_(g, xw)  # y / u, (c*B, Q, H*P)
         y = _into(x.shape, x, torch.mul, yu.view(n_chunks, Bsz, Q, H, P).transpose(0, 1), u[..., None])
         if D is not None:
@@ -178,7 +178,7 @@ class _FactoredScan(torch.autograd.Function):
         g_xw = torch.bmm(b, g_own.transpose(1, 2)).baddbmm_(g.transpose(1, 2), gyu)
         g_b = torch.bmm(xw, g_own)
         # Above the diagonal u[l] * v[s] may exceed float32 (the decay runs backwards there): masked, not used.
-        g_g = torch.bmm(gyu, xw.transpose(1, 2)).masked_fill_(_above_diagonal(Q, x.device), 0)
+        g_g = _causal(torch.bmm(gyu, xw.transpose(1, 2)))
         g_c.baddbmm_(g_g, b)
         g_b.baddbmm_(g_g.transpose(1, 2), c)
         g_b, g_c = (t.view(n_chunks, Bsz, Q, -1).transpose(0, 1) for t in (g_b, g_c))
@@ -248,7 +248,7 @@ class _ChunkedScan(torch.autograd.Function):
         states, s_in, final_state = _pass_states(torch.bmm(xw.view(-1, Q, H * P).transpose(1, 2), b), across, s0)
         y_off = torch.bmm(c, s_in.transpose(1, 2)).view(n_chunks, Bsz, Q, H, P)
         y = _into(x.shape, x, torch.mul, y_off.transpose(0, 1), from_start[..., None])
-        g = torch.bmm(c, b.transpose(1, 2)).masked_fill_(_above_diagonal(Q, x.device), 0)  # C B^T
+        g = _causal(torch.bmm(c, b.transpose(1, 2)))  # C B^T
         xh = x.permute(1, 0, 3, 2, 4)  # (c, B, H, Q, P): per-head blocks for 1.
         xh = xh.contiguous() if dt is None else _into(xh.shape, x, torch.mul, xh, dt.permute(1, 0, 3, 2)[..., None])
         decay = _decay_within(cs, x.dtype)
@@ -300,11 +300,13 @@ def _within_backward(gy, xh, decay, m, g, g_xs):
     g_g = gm.mul_(decay.view(gm.shape)).sum(1)  # G is shared by the heads
     gm.mul_(g[:, None])  # now the gradient of the exponent cs[l] - cs[s]: gM * M
     g_cs = (gm.sum(-1) - gm.sum(-2)).view(n_chunks, Bsz, H, Q).double()
-    return g_g.masked_fill_(_above_diagonal(Q, g.device), 0), g_cs
+    return _causal(g_g), g_cs
 
 
-def _above_diagonal(Q: int, device) -> torch.Tensor:
-    return torch.ones(Q, Q, dtype=torch.bool, device=device).triu(1)
+def _causal(m: torch.Tensor) -> torch.Tensor:
+    """m (..., Q, Q) with the entries above the diagonal zeroed, in place: step l reads no later step s."""
+    Q = m.size(-1)
+    return m.masked_fill_(torch.ones(Q, Q, dtype=torch.bool, device=m.device).triu(1), 0)
 
 
 def _pass_states(states, across, s0):
