@@ -28,21 +28,21 @@ if TYPE_CHECKING:
     from .llama import Llama
     from .mamba2 import Mamba2
 
-_ARCH_CLASSES = {"GPT": ".gpt", "Llama": ".llama", "Mamba2": ".mamba2"}
+_CLASSES = {"gpt": "GPT", "llama": "Llama", "mamba2": "Mamba2"}  # arch -> its class, in model/<arch>.py
 
 __all__ = ["ARCHS", "ModelConfig", "ModelSection", "GPT", "Llama", "Mamba2", "build_model", "load_model"]
 
 
 def __getattr__(name: str) -> Any:  # PEP 562: `from model import GPT` imports torch only then
-    if name in _ARCH_CLASSES:
-        return getattr(importlib.import_module(_ARCH_CLASSES[name], __name__), name)
+    arch = next((arch for arch, cls in _CLASSES.items() if cls == name), None)
+    if arch is not None:
+        return getattr(importlib.import_module(f".{arch}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    classes = {"gpt": "GPT", "llama": "Llama", "mamba2": "Mamba2"}
-    if cfg.arch in classes:
-        return __getattr__(classes[cfg.arch])(cfg)
+    if cfg.arch in _CLASSES:
+        return __getattr__(_CLASSES[cfg.arch])(cfg)
     raise ValueError(f"unknown model arch {cfg.arch!r}: choose one of {', '.join(ARCHS)}")
 
 
