@@ -9,6 +9,9 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # torch first, from the CPU wheel index: a bare requirement would pull several GB of CUDA packages.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# llama-cpp-python from source with patches/*.patch applied (patches/README.md), before the project pins it.
+COPY patches patches
+RUN python patches/install_llama_cpp.py
 COPY pyproject.toml README.md ./
 COPY flows flows
 COPY tasks tasks

@@ -4,7 +4,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# llama-cpp-python is built from source with patches/*.patch applied (patches/README.md); a new patch re-installs.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml patches/*.patch | cksum | cut -d' ' -f1)
 PRESET ?= quickstart
 SET ?=
 PREFECT := $(VENV)/bin/prefect
@@ -17,10 +18,11 @@ export MLFLOW_DISABLE_TELEMETRY := true
 
 .PHONY: setup run test ui clean server worker deploy serve browser screenshots
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(wildcard patches/*.patch) patches/install_llama_cpp.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip setuptools wheel
 	$(PY) -m pip install torch==2.13.0
+	$(PY) patches/install_llama_cpp.py
 	$(PY) -m pip install -e '.[dev]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)

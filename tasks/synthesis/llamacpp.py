@@ -19,7 +19,10 @@ that benchmark's output and in the closing notes that report it, never here:
 - Every step must be ONE pass over the weights. With a KV stream per sequence llama.cpp splits a batch into one
   ubatch per run of consecutive sequence ids, so the busy slots are kept contiguous (`_compact`). Flash attention
   is measured per machine like the weight type (`synthesize.flash_attn`): its CPU kernel made a step slower on an
-  AVX-512 machine and faster on an AVX2-only one.
+  AVX-512 machine and faster on an AVX2-only one. A decode step has one query row per stream and head, a shape for
+  which llama.cpp's CPU kernel read every K/V row once per query head; the llama.cpp that `make` builds carries a
+  patch that computes the heads sharing a K/V head together (patches/README.md: attention 65 -> 25 ms of a 64-story
+  step on the AVX2 machine).
 - Prompts are made cheap: the KV cells of the prefix that prompts share (chat header, system message, the template's
   fixed opening) are computed once per system message and copied into each new sequence (`llama_memory_seq_cp`),
   which gives bit-identical logits, and the recipes put what varies at the end.

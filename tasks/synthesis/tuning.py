@@ -29,7 +29,10 @@ defaults came from but about 20% faster on a 2-core AVX2-only EPYC (q4_0, 64 seq
 run: median 186 -> 225 tokens/s on a loaded host), so it is measured too. The fourth is the keys' cache cells:
 attention's share of a step grows with the context (on that EPYC, 64 sequences, f16 weights: ~220 ms per step at
 position 90, ~290 at 250), and q8_0 keys with f16 values made steps 4-10% faster there (interleaved), q8_0 values
-too only 1-7%, f32 cells 2.5x slower; so q8_0 keys are a candidate, values stay f16.
+too only 1-7%, f32 cells 2.5x slower; so q8_0 keys are a candidate, values stay f16. Those attention figures are
+llama.cpp's reference kernel; the patched build (patches/README.md) computes decode attention with f16 cells about 2.6x
+faster, while q8_0 keys keep the reference kernel, so the key-cell pass decides between the two kernels as much as
+between the types.
 """
 from __future__ import annotations
 
