@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from pipeline_config.synthesize import QualityConfig, SynthesizeConfig
 from tasks.synthesis.backend import StoryRequest
 from tasks.synthesis.llamacpp import LlamaCppBackend
-from tasks.synthesis.sampling import sample_token, top_superset
+from tasks.synthesis.sampling import sample_token, sample_tokens, top_superset
 from tasks.synthesis.quality import detect_language, words
 from tasks.synthesis.recipes import load_recipe, story_prompt
 from tasks.synthesize import REJECTED, STORIES, SynthesizeError, synthesize
@@ -158,6 +158,26 @@ def test_sampling_from_a_pool_of_candidates_matches_sampling_from_the_whole_voca
         )
     values = rng.normal(size=1001)  # not a multiple of the group count: the tail is always a candidate
     assert set(np.argsort(-values)[:20].tolist()) <= set(top_superset(values, 20).tolist())
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(temperature=0.8, top_k=50, top_p=0.95, repeat_penalty=1.3),  # the stage's kind of settings
+    dict(temperature=1.2, top_k=5, top_p=0.5, repeat_penalty=1.0),  # no penalty: no seen tokens at all
+    dict(temperature=0.0, top_k=0, top_p=1.0, repeat_penalty=1.1),  # greedy: one row at a time
+])
+def test_sampling_every_row_at_once_draws_what_one_row_at_a_time_draws(kwargs):
+    """sample_tokens (a step's stories together) against sample_token per story, same generators: rows that saw
+    different numbers of tokens (padding), none, and token 0 (the padding value)."""
+    rng = np.random.default_rng(5)
+    for trial in range(12):
+        logits = (rng.normal(size=(9, 49_152)) * 3).astype(np.float32)
+        recents = [rng.integers(0, 49_152, int(rng.integers(0, 64))).tolist() + np.argsort(-logits[r])[: r % 4].tolist()
+                   + ([0] if r % 3 == 0 else []) for r in range(9)]
+        recents[4] = []
+        one_by_one = [sample_token(logits[r], recents[r], np.random.default_rng(trial * 10 + r), **kwargs)
+                      for r in range(9)]
+        together = sample_tokens(logits, recents, [np.random.default_rng(trial * 10 + r) for r in range(9)], **kwargs)
+        assert together == one_by_one
 
 
 # --- Ollama, against the protocol double --------------------------------------------------------------------------

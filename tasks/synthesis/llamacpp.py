@@ -26,11 +26,13 @@ that benchmark's output and in the closing notes that report it, never here:
 - Prompts are made cheap: the KV cells of the prefix that prompts share (chat header, system message, the template's
   fixed opening) are computed once per system message and copied into each new sequence (`llama_memory_seq_cp`),
   which gives bit-identical logits, and the recipes put what varies at the end.
-- Sampling ranks only the candidates that can make the top k (`tasks/synthesis/sampling.py`).
+- Sampling ranks only the candidates that can make the top k, every story of a step at once, reading llama.cpp's
+  output buffer in place (`tasks/synthesis/sampling.py`).
 - Threads default to every core (`default_threads`); see there when to lower them.
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 from dataclasses import dataclass, field
@@ -40,7 +42,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from tasks.synthesis.backend import Completion, NextRequest, StoryRequest, SynthesizeError, default_threads
-from tasks.synthesis.sampling import sample_token
+from tasks.synthesis.sampling import sample_tokens
 from tasks.synthesis.tuning import has_auto, tuned
 
 if TYPE_CHECKING:
@@ -307,21 +309,8 @@ class LlamaCppBackend:
                 if status != 0:
                     raise RuntimeError(f"llama_decode returned {status} (batch of {self._batch.n_tokens} tokens)")
                 finished: list[Completion] = []
-                for seq_id, seq in enumerate(slots):
-                    if seq is None:
-                        continue
-                    row = lib.llama_get_logits_ith(self._ctx, seq.output_row)
-                    logits = np.ctypeslib.as_array(row, shape=(self.n_vocab,))
-                    recent = (seq.prompt_tokens + seq.generated)[-cfg.repeat_last_n :] if cfg.repeat_last_n else []
-                    token = sample_token(
-                        logits,
-                        recent,
-                        seq.rng,
-                        temperature=cfg.temperature,
-                        top_k=cfg.top_k,
-                        top_p=cfg.top_p,
-                        repeat_penalty=cfg.repeat_penalty,
-                    )
+                active = [(seq_id, seq) for seq_id, seq in enumerate(slots) if seq is not None]
+                for (seq_id, seq), token in zip(active, self._sample([seq for _, seq in active])):
                     end = lib.llama_vocab_is_eog(self._vocab, token)
                     if not end:
                         seq.generated.append(token)
@@ -333,6 +322,31 @@ class LlamaCppBackend:
         finally:
             for seq_id in range(self.parallel):  # the cached prefixes stay for the next call
                 lib.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+
+    def _logits(self, rows: list[int]) -> np.ndarray:
+        """The logits of the batch's output `rows` (ascending), one array row each: a view of llama.cpp's output
+        buffer, which keeps the outputs in batch order, when they lie there one after the other (they do when they are
+        the batch's only outputs), else a copy."""
+        lib, n = self._lib, self.n_vocab
+        first, last = (lib.llama_get_logits_ith(self._ctx, r) for r in (rows[0], rows[-1]))
+        step = np.dtype(np.float32).itemsize * n
+        if ctypes.addressof(last.contents) - ctypes.addressof(first.contents) == step * (len(rows) - 1):
+            return np.ctypeslib.as_array(first, shape=(len(rows), n))
+        return np.stack([np.ctypeslib.as_array(lib.llama_get_logits_ith(self._ctx, r), shape=(n,)) for r in rows])
+
+    def _sample(self, seqs: list[_Sequence]) -> list[int]:
+        """The next token of each of `seqs` (in the batch's order) from the last llama_decode, all rows at once."""
+        cfg = self.cfg
+        last_n = cfg.repeat_last_n
+        return sample_tokens(
+            self._logits([seq.output_row for seq in seqs]),
+            [(seq.prompt_tokens + seq.generated)[-last_n:] if last_n else [] for seq in seqs],
+            [seq.rng for seq in seqs],
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            repeat_penalty=cfg.repeat_penalty,
+        )
 
     def _compact(self, slots: list[_Sequence | None]) -> None:
         """Move stories down into free slots until the busy slots are 0..k-1, with no gap.

@@ -73,3 +73,71 @@ def sample_token(
     cumulative = cumulative[:keep] / cumulative[keep - 1]
     pick = min(int(np.searchsorted(cumulative, rng.random(), side="right")), keep - 1)
     return int(candidates[pick])
+
+
+def sample_tokens(
+    logits: np.ndarray,
+    recents: list[list[int]],
+    rngs: list[np.random.Generator],
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repeat_penalty: float,
+) -> list[int]:
+    """`sample_token` for every row of `logits` (one row per story, each with its recent tokens and generator), in
+    array operations over all the rows at once: one story at a time, the ~20 small numpy calls per row cost more than
+    their arithmetic (8 ms for 64 rows, against ~3 ms here). Same rule and same draws; only exact ties between logits
+    may rank differently. Greedy decoding or no top-k falls back to one row at a time.
+    """
+    rows, vocab = logits.shape
+    if temperature <= 0.0 or not 0 < top_k < vocab:
+        return [sample_token(logits[r], recents[r], rngs[r], temperature=temperature, top_k=top_k, top_p=top_p,
+                             repeat_penalty=repeat_penalty) for r in range(rows)]
+    penalize = repeat_penalty != 1.0
+    seen_rows = [np.unique(np.asarray(r, dtype=np.intp)) if penalize and r else np.empty(0, np.intp) for r in recents]
+    width = max((len(s) for s in seen_rows), default=0)
+    seen = np.zeros((rows, width), dtype=np.intp)  # padded with token 0, masked by `real`
+    real = np.zeros((rows, width), dtype=bool)
+    for r, s in enumerate(seen_rows):
+        seen[r, : len(s)], real[r, : len(s)] = s, True
+
+    # the candidates that can make each row's top k after the penalty (top_superset, every row at once): the columns
+    # of the m largest group maxima, m = k + the most tokens any row has seen
+    groups = 16
+    group_width = vocab // groups
+    m = top_k + width
+    if group_width > m:
+        whole = group_width * groups
+        maxima = logits[:, :whole].reshape(rows, groups, group_width).max(axis=1)
+        columns = np.argpartition(maxima, -m, axis=1)[:, -m:]
+        pool = (columns[:, None, :] + np.arange(0, whole, group_width)[None, :, None]).reshape(rows, -1)
+        if whole < vocab:
+            pool = np.concatenate([pool, np.broadcast_to(np.arange(whole, vocab), (rows, vocab - whole))], axis=1)
+    else:
+        pool = np.broadcast_to(np.arange(vocab), (rows, vocab))
+    values = np.take_along_axis(logits, pool, axis=1).astype(np.float64)
+    if width:
+        is_seen = np.zeros((rows, vocab), dtype=bool)
+        np.put_along_axis(is_seen, seen, real, axis=1)
+        is_seen[:, 0] = np.any(real & (seen == 0), axis=1)  # padding wrote False over a real token 0 in some rows
+        values[np.take_along_axis(is_seen, pool, axis=1)] = -np.inf  # the seen ones come back below, penalized
+        penalized = np.take_along_axis(logits, seen, axis=1).astype(np.float64)
+        penalized = np.where(penalized > 0, penalized / repeat_penalty, penalized * repeat_penalty)
+        pool = np.concatenate([pool, seen], axis=1)
+        values = np.concatenate([values, np.where(real, penalized, -np.inf)], axis=1)
+    best = np.argpartition(values, -top_k, axis=1)[:, -top_k:]
+    pool, values = np.take_along_axis(pool, best, axis=1), np.take_along_axis(values, best, axis=1)
+    scaled = values / temperature
+    order = np.argsort(-scaled, axis=1, kind="stable")
+    candidates, scaled = np.take_along_axis(pool, order, axis=1), np.take_along_axis(scaled, order, axis=1)
+    probs = np.exp(scaled - scaled[:, :1])
+    probs /= probs.sum(axis=1, keepdims=True)
+    cumulative = np.cumsum(probs, axis=1)
+    keep = np.minimum((cumulative < top_p).sum(axis=1) + 1, top_k)  # smallest prefix reaching top_p, per row
+    total = np.take_along_axis(cumulative, (keep - 1)[:, None], axis=1)
+    draws = np.array([rng.random() for rng in rngs])[:, None]
+    # searchsorted(cumulative[:keep] / total, draw, side="right"), counted over each row's kept prefix
+    kept = np.arange(top_k)[None, :] < keep[:, None]
+    pick = np.minimum(((cumulative / total <= draws) & kept).sum(axis=1), keep - 1)
+    return np.take_along_axis(candidates, pick[:, None], axis=1)[:, 0].tolist()

@@ -48,7 +48,6 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from tasks.synthesis.sampling import sample_token
 
 if TYPE_CHECKING:
     from pipeline_config.synthesize import SynthesizeConfig
@@ -313,12 +312,8 @@ def profile_steps(backend: "LlamaCppBackend", steps: int) -> dict[str, float]:
             if lib.llama_decode(backend._ctx, backend._batch) != 0:
                 raise RuntimeError("llama_decode failed")
             t2 = time.perf_counter()
-            for seq in slots:
-                row = lib.llama_get_logits_ith(backend._ctx, seq.output_row)
-                logits = np.ctypeslib.as_array(row, shape=(backend.n_vocab,))
-                seq.generated.append(sample_token(logits, seq.generated[-cfg.repeat_last_n:], seq.rng,
-                                                  temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                                  repeat_penalty=cfg.repeat_penalty))
+            for seq, token in zip(slots, backend._sample(slots)):
+                seq.generated.append(token)
             t3 = time.perf_counter()
             if step == 0:
                 times["prompt_s"] += t3 - t0
