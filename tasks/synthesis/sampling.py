@@ -75,6 +75,32 @@ def sample_token(
     return int(candidates[pick])
 
 
+def seen_tokens(recents: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's distinct recent tokens, padded to the longest row with token 0, and the mask of the real ones."""
+    rows = [np.unique(np.asarray(r, dtype=np.intp)) if r else np.empty(0, np.intp) for r in recents]
+    width = max((len(r) for r in rows), default=0)
+    seen, real = np.zeros((len(rows), width), dtype=np.intp), np.zeros((len(rows), width), dtype=bool)
+    for i, r in enumerate(rows):
+        seen[i, : len(r)], real[i, : len(r)] = r, True
+    return seen, real
+
+
+def top_supersets(logits: np.ndarray, m: int, groups: int = 16) -> np.ndarray:
+    """`top_superset` of every row at once: per row, indices of a fixed number of entries that hold its `m` largest
+    (the columns of its m largest group maxima, by the same argument)."""
+    rows, vocab = logits.shape
+    width = vocab // groups
+    if width <= m:
+        return np.broadcast_to(np.arange(vocab), (rows, vocab))
+    whole = width * groups
+    maxima = logits[:, :whole].reshape(rows, groups, width).max(axis=1)
+    columns = np.argpartition(maxima, -m, axis=1)[:, -m:]
+    pool = (columns[:, None, :] + np.arange(0, whole, width)[None, :, None]).reshape(rows, -1)
+    if whole < vocab:
+        pool = np.concatenate([pool, np.broadcast_to(np.arange(whole, vocab), (rows, vocab - whole))], axis=1)
+    return pool
+
+
 def sample_tokens(
     logits: np.ndarray,
     recents: list[list[int]],
@@ -94,28 +120,9 @@ def sample_tokens(
     if temperature <= 0.0 or not 0 < top_k < vocab:
         return [sample_token(logits[r], recents[r], rngs[r], temperature=temperature, top_k=top_k, top_p=top_p,
                              repeat_penalty=repeat_penalty) for r in range(rows)]
-    penalize = repeat_penalty != 1.0
-    seen_rows = [np.unique(np.asarray(r, dtype=np.intp)) if penalize and r else np.empty(0, np.intp) for r in recents]
-    width = max((len(s) for s in seen_rows), default=0)
-    seen = np.zeros((rows, width), dtype=np.intp)  # padded with token 0, masked by `real`
-    real = np.zeros((rows, width), dtype=bool)
-    for r, s in enumerate(seen_rows):
-        seen[r, : len(s)], real[r, : len(s)] = s, True
-
-    # the candidates that can make each row's top k after the penalty (top_superset, every row at once): the columns
-    # of the m largest group maxima, m = k + the most tokens any row has seen
-    groups = 16
-    group_width = vocab // groups
-    m = top_k + width
-    if group_width > m:
-        whole = group_width * groups
-        maxima = logits[:, :whole].reshape(rows, groups, group_width).max(axis=1)
-        columns = np.argpartition(maxima, -m, axis=1)[:, -m:]
-        pool = (columns[:, None, :] + np.arange(0, whole, group_width)[None, :, None]).reshape(rows, -1)
-        if whole < vocab:
-            pool = np.concatenate([pool, np.broadcast_to(np.arange(whole, vocab), (rows, vocab - whole))], axis=1)
-    else:
-        pool = np.broadcast_to(np.arange(vocab), (rows, vocab))
+    seen, real = seen_tokens(recents if repeat_penalty != 1.0 else [[] for _ in recents])
+    width = seen.shape[1]
+    pool = top_supersets(logits, top_k + width)  # the candidates for each row's top k after the penalty
     values = np.take_along_axis(logits, pool, axis=1).astype(np.float64)
     if width:
         is_seen = np.zeros((rows, vocab), dtype=bool)
