@@ -44,8 +44,7 @@ def decode(b: LlamaCppBackend, feeds: list[list[int]], positions: list[int]) -> 
         rows.append(n - 1)
     batch.n_tokens = n
     assert b._lib.llama_decode(b._ctx, batch) == 0
-    return np.array([np.ctypeslib.as_array(b._lib.llama_get_logits_ith(b._ctx, r), shape=(b.n_vocab,)).copy()
-                     for r in rows])
+    return b._logits(rows).copy()
 
 
 def test_grouped_query_decode_follows_the_reference_path(backend, monkeypatch):

@@ -125,9 +125,8 @@ def sample_tokens(
     pool = top_supersets(logits, top_k + width)  # the candidates for each row's top k after the penalty
     values = np.take_along_axis(logits, pool, axis=1).astype(np.float64)
     if width:
-        is_seen = np.zeros((rows, vocab), dtype=bool)
-        np.put_along_axis(is_seen, seen, real, axis=1)
-        is_seen[:, 0] = np.any(real & (seen == 0), axis=1)  # padding wrote False over a real token 0 in some rows
+        is_seen = np.zeros((rows, vocab + 1), dtype=bool)  # the padding marks the extra column
+        np.put_along_axis(is_seen, np.where(real, seen, vocab), True, axis=1)
         values[np.take_along_axis(is_seen, pool, axis=1)] = -np.inf  # the seen ones come back below, penalized
         penalized = np.take_along_axis(logits, seen, axis=1).astype(np.float64)
         penalized = np.where(penalized > 0, penalized / repeat_penalty, penalized * repeat_penalty)

@@ -48,7 +48,6 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-
 if TYPE_CHECKING:
     from pipeline_config.synthesize import SynthesizeConfig
     from tasks.synthesis.llamacpp import LlamaCppBackend
