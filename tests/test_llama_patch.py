@@ -1,6 +1,7 @@
-"""The llama.cpp that `make` installs carries patches/llama-cpp-python-0.3.36-gqa-decode.patch, and its grouped-query
-decode attention gives the logits of llama.cpp's reference flash-attention path (same tokens, same context, the path
-switched with GGML_FA_GQA_DECODE_OFF between two decodes of the same step)."""
+"""The llama.cpp that `make` installs carries the patches in patches/: its grouped-query decode attention gives the
+logits of llama.cpp's reference flash-attention path (same tokens, same context, the path switched with
+GGML_FA_GQA_DECODE_OFF between two decodes of the same step), and its matmuls give the same bits with the weight
+prefetch and without it (GGML_SGEMM_PREFETCH_OFF)."""
 from __future__ import annotations
 
 import llama_cpp
@@ -78,3 +79,24 @@ def test_grouped_query_decode_follows_the_reference_path(backend, monkeypatch):
     # reference and non-flash attention), so the comparison would say nothing about the kernel.
     assert np.median(worst) < 0.1 and max(worst) < 0.5, (np.median(worst), max(worst))
     assert np.mean(same_top) >= 0.95
+
+
+def test_prefetching_the_weights_leaves_the_logits_bit_identical(backend, monkeypatch):
+    """The sgemm patch only adds prefetches and takes the first column block of each row block out of the loop, so
+    the same prompts decoded with and without it give the same bits. The four prompts are decoded together (one
+    ubatch of ~50 rows), so every matmul but the output one has the two column blocks the prefetching path needs.
+    (Whether the prefetches were issued is not observable from here; benchmarks/synthesize.py measures their effect.)
+    """
+    b = backend
+    feeds = [b.llm.tokenize(p.encode(), add_bos=False) for p in PROMPTS]
+    runs = []
+    for off in (False, True, False):
+        if off:
+            monkeypatch.setenv("GGML_SGEMM_PREFETCH_OFF", "1")
+        else:
+            monkeypatch.delenv("GGML_SGEMM_PREFETCH_OFF", raising=False)
+        runs.append(decode(b, feeds, [0] * len(feeds)))
+        for seq_id in range(len(PROMPTS)):
+            b._lib.llama_memory_seq_rm(b._memory, seq_id, -1, -1)
+    assert np.isfinite(runs[0]).all() and runs[0].std() > 0.1
+    assert np.array_equal(runs[0], runs[1]) and np.array_equal(runs[0], runs[2])
