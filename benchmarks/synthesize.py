@@ -1,7 +1,7 @@
 """Benchmark: story generation tokens/s, single stream vs the batched llama.cpp backend, in one run.
 
     python benchmarks/synthesize.py [--stories 3*parallel] [--single-stories 32] [--max-tokens 200] [--parallel auto]
-                                    [--threads N] [--requantize auto|f32|q8_0|q4_0|f16|none] [--flash-attn auto|on|off]
+                                    [--threads N] [--requantize auto|f32|f16|bf16|q8_0|q4_0|none] [--flash-attn auto|on|off]
                                     [--cache-type-k auto|f16|q8_0] [--with-parallel-1] [--single-flash-attn]
 
 The sides write stories from the same recipe prompts with the same sampling settings and thread count:
@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--parallel", default=defaults.parallel, help="sequences per batch, or auto")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: the backend's default)")
     parser.add_argument("--requantize", default=defaults.requantize or "none",
-                        help="the backend's weight conversion (f32, q8_0, q4_0, f16, none)")
+                        help="the backend's weight conversion (f32, f16, bf16, q8_0, q4_0, none)")
     parser.add_argument("--flash-attn", default="auto", choices=("auto", "on", "off"),
                         help="the backend's flash attention (auto: this machine's pick)")
     parser.add_argument("--cache-type-k", default="auto", choices=("auto", "f16", "q8_0"),
@@ -139,8 +139,8 @@ def main() -> None:
           f"{'on' if args.single_flash_attn else 'off'}): batched job of {args.stories} stories at parallel "
           f"{args.parallel}, {args.single_stories} of its prompts one at a time")
 
-    # one untimed short story each, so that no side pays first-call costs inside the measurement
-    warm = requests(cfg.model_copy(update={"max_tokens": 8}), range(10_000, 10_001))
+    # one untimed story each (a prompt outside the job's), so that no side pays first-call costs inside the measurement
+    warm = requests(cfg, range(10_000, 10_001))
     single_stream(llm, cfg, warm)
     with_backend(batched, warm)
     if one:

@@ -14,8 +14,9 @@ one story at a time, same threads). The figures depend on the CPU (AVX-512 or AV
 that benchmark's output and in the closing notes that report it, never here:
 - Batching pays less on a CPU than on a GPU (a step is compute-bound, not bound by reading the weights), so the
   batch is wide (`synthesize.parallel`). The weights can be converted at load from Q4_1, for which x86 has no batched
-  matrix kernel, to f32 (which holds them exactly) or Q8_0 (`synthesize.requantize`): which one is faster depends
-  on the CPU's kernels and the batch width.
+  matrix kernel, to f32 (which holds them exactly), f16, bf16 or Q8_0 (`synthesize.requantize`): which one is faster
+  depends on the CPU's kernels (bf16 has AVX-512 BF16 dot products, f16 and f32 llamafile's tinyBLAS, which the
+  patched build feeds with prefetched weight rows) and the batch width.
 - Every step must be ONE pass over the weights. With a KV stream per sequence llama.cpp splits a batch into one
   ubatch per run of consecutive sequence ids, so the busy slots are kept contiguous (`_compact`). Flash attention
   is measured per machine like the weight type (`synthesize.flash_attn`): its CPU kernel made a step slower on an
