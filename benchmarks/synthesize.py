@@ -1,8 +1,9 @@
 """Benchmark: story generation tokens/s, single stream vs the batched llama.cpp backend, in one run.
 
     python benchmarks/synthesize.py [--stories 3*parallel] [--single-stories 32] [--max-tokens 200] [--parallel auto]
-                                    [--threads N] [--requantize auto|f32|f16|bf16|q8_0|q4_0|none] [--flash-attn auto|on|off]
-                                    [--cache-type-k auto|f16|q8_0] [--with-parallel-1] [--single-flash-attn]
+                                    [--threads N] [--requantize auto|f32|f16|bf16|q8_0|q4_0|none]
+                                    [--flash-attn auto|on|off] [--cache-type-k auto|f16|q8_0] [--with-parallel-1]
+                                    [--single-flash-attn]
 
 The sides write stories from the same recipe prompts with the same sampling settings and thread count:
 - batched: `LlamaCppBackend` with `--parallel` stories decoded together, one `llama_decode` per step, over one job
