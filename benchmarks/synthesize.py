@@ -22,7 +22,7 @@ their own stories. Only time spent inside a side counts for it. The defaults are
 max_tokens, parallel, weights); the default run takes about 4 minutes on 2 cores.
 With `auto` (the stage's default) the weight type, width, flash attention and key cells are this machine's pick
 (tasks/synthesis/tuning.py: read from its cache, or measured first, which is printed). The first line names the CPU
-and its SIMD flags.
+and its SIMD flags, the second the features the llama.cpp build was compiled for.
 The last line is `speedup: <batched tokens/s / single-stream tokens/s>` (the goal: 3 or more).
 """
 from __future__ import annotations
@@ -114,6 +114,8 @@ def main() -> None:
     import llama_cpp
 
     print(cpu_flags_line(), flush=True)
+    # what the llama.cpp build uses of them (a build for another CPU, e.g. LLAMA_CPP_LIB_PATH to an AVX2-only one)
+    print("llama.cpp:", llama_cpp.llama_print_system_info().decode(errors="replace").strip(), flush=True)
     threads = args.threads or default_threads()
     cfg = SynthesizeConfig(n=args.stories or 192, max_tokens=args.max_tokens, n_threads=threads,
                            parallel=args.parallel if args.parallel == "auto" else int(args.parallel),
