@@ -28,7 +28,7 @@ def fake_measure(calls: list):
         calls.append(tuning.label(kind, width, flash, cache_k))
         if kind == "f16":
             raise RuntimeError("this quantizer refuses f16")  # a candidate that cannot run is not picked
-        return FIGURES.get(calls[-1], {"f32": 50.0, "q8_0": 60.0, "q4_0": 55.0}[kind])
+        return FIGURES.get(calls[-1], {"f32": 50.0, "bf16": 45.0, "q8_0": 60.0, "q4_0": 55.0}[kind])
     return measure
 
 
