@@ -3,6 +3,7 @@ resuming and extending runs without loss or duplicates, and deterministic prompt
 from __future__ import annotations
 
 import json
+import re
 import socket
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from pydantic import ValidationError
 
 from pipeline_config.synthesize import QualityConfig, SynthesizeConfig
 from tasks.synthesis.backend import StoryRequest
-from tasks.synthesis.llamacpp import LlamaCppBackend
+from tasks.synthesis.llamacpp import MIN_SHARED_PREFIX, LlamaCppBackend, common_prefix
 from tasks.synthesis.sampling import sample_token, sample_tokens, top_superset
 from tasks.synthesis.quality import detect_language, words
 from tasks.synthesis.recipes import load_recipe, story_prompt
@@ -69,24 +70,92 @@ def test_llamacpp_writes_stories_with_the_packaged_model(tmp_path):
     assert json.loads((tmp_path / "synthesis.json").read_text())["recipe"]["name"] == "tinystories"
 
 
+def recipe_requests(indices) -> list[StoryRequest]:
+    recipe = load_recipe("tinystories")
+    requests = []
+    for index in indices:
+        p = story_prompt(recipe, 0, index, ["en"])
+        requests.append(StoryRequest(index=index, attempt=0, prompt=p.prompt, system=p.system, seed=1))
+    return requests
+
+
+def one_story(backend: LlamaCppBackend, request: StoryRequest) -> str:
+    queue = [request]
+    return [c.text for c in backend.generate(lambda: queue.pop() if queue else None)][0]
+
+
+def empty_prefix_cache(backend: LlamaCppBackend, slots: int) -> None:
+    """Forget every cached prefix and recent prompt; let the cache use `slots` of the context's prefix sequences."""
+    for p in backend._prefixes:
+        backend._lib.llama_memory_seq_rm(backend._memory, p.seq_id, -1, -1)
+    backend._prefixes.clear()
+    backend._recent.clear()
+    backend.n_prefixes = slots
+    backend.prefixes_made = backend.prefix_tokens_reused = 0
+
+
 def test_cached_prompt_prefix_gives_the_same_story_as_the_whole_prompt():
     backend = LlamaCppBackend(SynthesizeConfig(n=1, parallel=1, max_tokens=12, temperature=0.0))
-    recipe = load_recipe("tinystories")
-
-    def story(index: int) -> str:
-        p = story_prompt(recipe, 0, index, ["en"])
-        queue = [StoryRequest(index=index, attempt=0, prompt=p.prompt, system=p.system, seed=1)]
-        return [c.text for c in backend.generate(lambda: queue.pop() if queue else None)][0]
-
+    first, second = recipe_requests([0, 1])
     try:
-        whole = story(0)  # nothing cached yet: the whole prompt is processed
-        story(1)  # a second prompt shows which prefix the two share, and caches it
+        whole = one_story(backend, first)  # nothing cached yet: the whole prompt is processed
+        one_story(backend, second)  # a second prompt shows which prefix the two share, and caches it
         assert backend.prefix_tokens_reused > 10
         reused = backend.prefix_tokens_reused
-        assert story(0) == whole  # greedy decoding on copied KV cells: the same tokens
+        assert one_story(backend, first) == whole  # greedy decoding on copied KV cells: the same tokens
         assert backend.prefix_tokens_reused > reused
     finally:
         backend.close()
+
+
+@pytest.fixture(scope="module")
+def greedy_backends():
+    """A backend that caches prompt prefixes and one that processes every prompt whole (the reference). Settings fixed,
+    not this machine's pick: without flash attention a prompt processed in two pieces gives the same logits to the bit
+    as processed whole; llama.cpp's flash attention takes another kernel for fewer query rows (last bits differ)."""
+    cfg = SynthesizeConfig(n=1, parallel=1, max_tokens=12, temperature=0.0, requantize="f32", flash_attn=False,
+                           cache_type_k="f16")
+    plain, cached = LlamaCppBackend(cfg), LlamaCppBackend(cfg)
+    plain._share_prefix = lambda seq_id, tokens: 0
+    yield plain, cached
+    plain.close()
+    cached.close()
+
+
+def test_prompts_that_agree_further_get_a_longer_cached_prefix_and_the_same_stories(greedy_backends):
+    """Prompts 0 and 1 are for 4-year-olds, 2 and 3 for 3-year-olds. The first pair caches a prefix through the age
+    and on to the verb; prompt 2 takes only the part before the age from it (a copy of the whole stream, the rest
+    removed); prompt 3 makes a second prefix, extending the first one's shared part. Greedy stories are those of a
+    backend that caches nothing."""
+    plain, cached = greedy_backends
+    empty_prefix_cache(cached, 4)
+    requests = recipe_requests(range(4))
+    reused = []
+    for request in requests:
+        assert one_story(cached, request) == one_story(plain, request)
+        reused.append(cached.prefix_tokens_reused - sum(reused))
+    tokens = [cached.chat_tokens(r.system, r.prompt) for r in requests]
+    assert reused[0] == 0 and cached.prefixes_made == 2
+    assert reused[1] == common_prefix(tokens[0], tokens[1]) > reused[2] == common_prefix(tokens[1], tokens[2])
+    assert reused[3] == common_prefix(tokens[2], tokens[3]) >= reused[2] + MIN_SHARED_PREFIX
+    assert sorted(len(p.tokens) for p in cached._prefixes) == [reused[1], reused[3]]
+
+
+@pytest.mark.parametrize("slots,made,ages", [(1, 4, ["4"]), (2, 3, ["4", "5"])])
+def test_a_full_prefix_cache_evicts_the_least_recently_used_and_stories_stay_the_same(greedy_backends, slots, made,
+                                                                                      ages):
+    """Prompts in pairs for ages 4, 3 and 5, then 4 again, with room for one or two prefixes. One slot: each age's
+    prefix evicts the one it extends (extended in place), the last is age 4's. Two slots: age 5's evicts age 3's (the
+    least recently used, not the one it extends), and the last pair finds age 4's still there. Every story is still the
+    reference's."""
+    plain, cached = greedy_backends
+    empty_prefix_cache(cached, slots)  # the context has 4 prefix sequences; the cache may use only these
+    for request in recipe_requests([0, 1, 2, 3, 4, 6, 5, 7]):
+        assert one_story(cached, request) == one_story(plain, request)
+        assert len(cached._prefixes) <= slots
+    texts = [cached.llm.detokenize(p.tokens).decode() for p in cached._prefixes]
+    assert cached.prefixes_made == made
+    assert sorted(re.search(r"(\d)-year-old", text).group(1) for text in texts) == ages
 
 
 def test_a_story_moved_to_a_lower_slot_continues_unchanged():

@@ -24,9 +24,11 @@ that benchmark's output and in the closing notes that report it, never here:
   which llama.cpp's CPU kernel read every K/V row once per query head; the llama.cpp that `make` builds carries a
   patch that computes the heads sharing a K/V head together (patches/README.md: attention 65 -> 25 ms of a 64-story
   step on the AVX2 machine).
-- Prompts are made cheap: the KV cells of the prefix that prompts share (chat header, system message, the template's
-  fixed opening) are computed once per system message and copied into each new sequence (`llama_memory_seq_cp`),
-  which gives bit-identical logits, and the recipes put what varies at the end.
+- Prompts are made cheap: the KV cells of the prefixes that prompts share (chat header, system message, the
+  template's fixed opening, and further where prompts agree further, e.g. up to the reader's age) are computed once
+  and copied into each new sequence (`llama_memory_seq_cp`): bit-identical cells (and logits, but for flash
+  attention, whose kernel depends on how many query rows a ubatch has); the recipes put what varies at the end. A prompt's tail is a second ubatch in its first step, so every token the cache covers is one
+  that step does not compute (`_share_prefix`).
 - Sampling ranks only the candidates that can make the top k, every story of a step at once, reading llama.cpp's
   output buffer in place (`tasks/synthesis/sampling.py`).
 - Threads default to every core (`default_threads`); see there when to lower them.
@@ -36,6 +38,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -87,15 +90,16 @@ class _Sequence:
 
 @dataclass
 class _Prefix:
-    """A prompt prefix shared by many stories (chat header, system prompt, the template's fixed opening)."""
+    """A prompt prefix that two or more prompts were seen to share, its KV cells held by a sequence of its own."""
 
     seq_id: int
-    reference: list[int]  # the first prompt seen with this system message
-    tokens: list[int] = field(default_factory=list)  # what the prefix sequence holds; empty until established
+    tokens: list[int]
     last_used: int = 0
 
 
 MIN_SHARED_PREFIX = 8  # tokens; below this a copy saves less than it costs to set up
+RECENT_PROMPTS = 16  # the prompts a new one is compared with to find a prefix worth caching
+PREFIXES_PER_LANGUAGE = 4  # cached prefixes (sequences) per language of the recipe, 16 at most
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -147,9 +151,11 @@ class LlamaCppBackend:
         self._ctx = self._new_context()
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-        self._prefixes: dict[str | None, _Prefix] = {}
+        self._prefixes: list[_Prefix] = []
+        self._recent: deque[list[int]] = deque(maxlen=RECENT_PROMPTS)
         self._clock = 0
         self.prefix_tokens_reused = 0
+        self.prefixes_made = 0
         self.slot_moves = 0  # stories moved down into a free slot (_compact)
 
     def _load(self, path: Path):
@@ -182,12 +188,12 @@ class LlamaCppBackend:
         )
 
     def _new_context(self):
-        """Sequence ids 0..parallel-1 hold stories; the next ones hold shared prompt prefixes, one per system message
-        in use (one per language with the bundled recipe). Each sequence gets its own KV stream of n_ctx cells
-        (kv_unified off), so a story's attention never scans the other stories' cells."""
+        """Sequence ids 0..parallel-1 hold stories; the next ones hold shared prompt prefixes (`_share_prefix`). Each
+        sequence gets its own KV stream of n_ctx cells (kv_unified off), so a story's attention never scans the other
+        stories' cells."""
         lib, cfg = self._lib, self.cfg
         self.n_ctx = cfg.n_ctx
-        self.n_prefixes = max(1, min(len(cfg.languages), 8))
+        self.n_prefixes = min(16, PREFIXES_PER_LANGUAGE * max(1, len(cfg.languages)))
         n_seq = self.parallel + self.n_prefixes
         self.n_batch = cfg.n_ctx * self.parallel  # one step may carry every prompt at once
         params = lib.llama_context_default_params()
@@ -231,40 +237,55 @@ class LlamaCppBackend:
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status} (batch of {n} tokens)")
 
-    def _share_prefix(self, seq_id: int, system: str | None, tokens: list[int]) -> int:
-        """Copy the cached KV cells of this prompt's shared prefix into `seq_id`; returns how many tokens that covers.
+    def _share_prefix(self, seq_id: int, tokens: list[int]) -> int:
+        """Copy into `seq_id` the KV cells of the longest cached prefix of `tokens`; returns how many tokens that covers.
 
-        The shared prefix of a system message is learnt from the prompts themselves: the longest common token prefix
-        of the first two, cut shorter whenever a later prompt diverges earlier. It never covers a prompt's last token,
-        whose logits the first sampling step needs.
+        Prefixes are learnt from the prompts themselves: the longest common token prefix of this prompt and a recent
+        one is cached when it reaches MIN_SHARED_PREFIX tokens past what the cache covers already. So prompts that part
+        at several places each find theirs: all share the chat header and system message, those for one reader age
+        the template up to the verb. A prefix never covers a prompt's last token, whose logits the first sampling step
+        needs. With a KV stream per sequence a copy takes the whole stream; cells past the shared part are then removed.
         """
-        lib = self._lib
         self._clock += 1
-        prefix = self._prefixes.get(system)
-        if prefix is None:
-            taken = {p.seq_id for p in self._prefixes.values()}
-            free = set(range(self.parallel, self.parallel + self.n_prefixes)) - taken
-            if not free:  # evict the least recently used prefix
-                key, old = min(self._prefixes.items(), key=lambda item: item[1].last_used)
-                lib.llama_memory_seq_rm(self._memory, old.seq_id, -1, -1)
-                del self._prefixes[key]
-                free = {old.seq_id}
-            self._prefixes[system] = _Prefix(seq_id=min(free), reference=tokens, last_used=self._clock)
+        limit = len(tokens) - 1
+        base, covered = max(((p, min(common_prefix(p.tokens, tokens), limit)) for p in self._prefixes),
+                            key=lambda item: item[1], default=(None, 0))
+        wanted = max((min(common_prefix(r, tokens), limit) for r in self._recent), default=0)
+        self._recent.append(tokens)
+        if wanted >= covered + MIN_SHARED_PREFIX:
+            base, covered = self._make_prefix(base, covered, tokens[:wanted]), wanted
+        if base is None or covered < MIN_SHARED_PREFIX:
             return 0
-        prefix.last_used = self._clock
-        known = prefix.tokens or prefix.reference
-        shared = min(common_prefix(known, tokens), len(tokens) - 1)
-        if shared < MIN_SHARED_PREFIX:
-            return 0
-        if not prefix.tokens:
-            self._decode([(prefix.seq_id, tokens[:shared], 0)])
-            prefix.tokens = tokens[:shared]
-        elif shared < len(prefix.tokens):
-            lib.llama_memory_seq_rm(self._memory, prefix.seq_id, shared, -1)
-            prefix.tokens = prefix.tokens[:shared]
-        lib.llama_memory_seq_cp(self._memory, prefix.seq_id, seq_id, -1, -1)
-        self.prefix_tokens_reused += shared
-        return shared
+        base.last_used = self._clock
+        lib = self._lib
+        lib.llama_memory_seq_cp(self._memory, base.seq_id, seq_id, -1, -1)
+        if covered < len(base.tokens):
+            lib.llama_memory_seq_rm(self._memory, seq_id, covered, -1)
+        self.prefix_tokens_reused += covered
+        return covered
+
+    def _make_prefix(self, base: _Prefix | None, covered: int, tokens: list[int]) -> _Prefix:
+        """Cache `tokens` as a prefix: in a free prefix sequence, else in the least recently used one's; the first
+        `covered` tokens' cells come from `base`, the rest are decoded."""
+        lib, memory = self._lib, self._memory
+        free = set(range(self.parallel, self.parallel + self.n_prefixes)) - {p.seq_id for p in self._prefixes}
+        if free:
+            seq_id = min(free)
+        else:
+            evicted = min(self._prefixes, key=lambda p: p.last_used)
+            self._prefixes.remove(evicted)
+            seq_id = evicted.seq_id
+            if evicted is not base:  # the base itself is extended in place
+                lib.llama_memory_seq_rm(memory, seq_id, -1, -1)
+        start = covered if base is not None else 0
+        if base is not None and base.seq_id != seq_id:
+            lib.llama_memory_seq_cp(memory, base.seq_id, seq_id, -1, -1)
+        lib.llama_memory_seq_rm(memory, seq_id, start, -1)
+        self._decode([(seq_id, tokens[start:], start)])
+        made = _Prefix(seq_id=seq_id, tokens=tokens, last_used=self._clock)
+        self._prefixes.append(made)
+        self.prefixes_made += 1
+        return made
 
     def _start(self, seq_id: int, request: StoryRequest) -> _Sequence:
         tokens = self.chat_tokens(request.system, request.prompt)
@@ -273,7 +294,7 @@ class LlamaCppBackend:
                 f"story {request.index}: prompt ({len(tokens)} tokens) + max_tokens ({self.cfg.max_tokens}) exceeds "
                 f"n_ctx ({self.n_ctx}): raise synthesize.n_ctx or lower synthesize.max_tokens"
             )
-        shared = self._share_prefix(seq_id, request.system, tokens)
+        shared = self._share_prefix(seq_id, tokens)
         return _Sequence(request=request, prompt_tokens=tokens, rng=np.random.default_rng(request.seed),
                          shared=shared, pos=shared)
 
