@@ -185,8 +185,9 @@ def test_a_story_moved_to_a_lower_slot_continues_unchanged():
 def test_sampling_is_deterministic_per_seed_and_respects_top_k():
     logits = np.random.default_rng(0).normal(size=1000).astype(np.float32)
     kwargs = dict(temperature=0.8, top_k=5, top_p=0.95, repeat_penalty=1.3)
+    before = logits.copy()
     draws = [sample_token(logits, [1, 2], np.random.default_rng(42), **kwargs) for _ in range(2)]
-    assert draws[0] == draws[1]
+    assert draws[0] == draws[1] and np.array_equal(logits, before)  # the penalty went to a copy
     top5 = set(np.argsort(-logits)[:5].tolist())
     rng = np.random.default_rng(1)
     assert {sample_token(logits, [], rng, **kwargs) for _ in range(200)} <= top5

@@ -55,7 +55,7 @@ def sample_token(
     """Repeat penalty (llama.cpp's rule), then temperature, top-k and top-p; one uniform draw from `rng`. `logits` is
     left as it is (the penalty goes to a copy). Only the candidates that can make the top k are ranked."""
     vocab = logits.shape[0]
-    logits = np.array(logits, dtype=np.float32)
+    logits = np.array(logits)  # a copy, for the penalty
     penalize_recent(logits[None, :], [recent], repeat_penalty)
     if temperature <= 0.0:
         return int(np.argmax(logits))
