@@ -272,15 +272,13 @@ class LlamaCppBackend:
         if free:
             seq_id = min(free)
         else:
-            evicted = min(self._prefixes, key=lambda p: p.last_used)
+            evicted = min(self._prefixes, key=lambda p: p.last_used)  # when it is `base`, extended in place
             self._prefixes.remove(evicted)
             seq_id = evicted.seq_id
-            if evicted is not base:  # the base itself is extended in place
-                lib.llama_memory_seq_rm(memory, seq_id, -1, -1)
         start = covered if base is not None else 0
         if base is not None and base.seq_id != seq_id:
-            lib.llama_memory_seq_cp(memory, base.seq_id, seq_id, -1, -1)
-        lib.llama_memory_seq_rm(memory, seq_id, start, -1)
+            lib.llama_memory_seq_cp(memory, base.seq_id, seq_id, -1, -1)  # replaces the sequence's cells
+        lib.llama_memory_seq_rm(memory, seq_id, start, -1)  # what lies past the reused part (all, with no base)
         self._decode([(seq_id, tokens[start:], start)])
         made = _Prefix(seq_id=seq_id, tokens=tokens, last_used=self._clock)
         self._prefixes.append(made)
