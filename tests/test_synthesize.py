@@ -162,11 +162,7 @@ def test_a_story_moved_to_a_lower_slot_continues_unchanged():
     """Busy slots are kept contiguous (llama.cpp runs one ubatch per run of consecutive sequence ids): a story moved
     into a free slot carries its KV cells along, so greedy decoding writes the same text as without the move."""
     backend = LlamaCppBackend(SynthesizeConfig(n=2, parallel=3, max_tokens=16, temperature=0.0))
-    recipe = load_recipe("tinystories")
-    requests = []
-    for index in (3, 4):
-        p = story_prompt(recipe, 0, index, ["en"])
-        requests.append(StoryRequest(index=index, attempt=0, prompt=p.prompt, system=p.system, seed=1))
+    requests = recipe_requests([3, 4])
 
     def run(answers: list) -> dict[int, str]:
         return {c.request.index: c.text for c in backend.generate(lambda: answers.pop(0) if answers else None)}
