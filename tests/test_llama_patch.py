@@ -82,10 +82,10 @@ def test_grouped_query_decode_follows_the_reference_path(backend, monkeypatch):
 
 
 def test_prefetching_the_weights_leaves_the_logits_bit_identical(backend, monkeypatch):
-    """The sgemm patch only adds prefetches and takes the first column block of each row block out of the loop, so
-    the same prompts decoded with and without it give the same bits. The four prompts are decoded together (one
-    ubatch of ~50 rows), so every matmul but the output one has the two column blocks the prefetching path needs.
-    (Whether the prefetches were issued is not observable from here; benchmarks/synthesize.py measures their effect.)
+    """The sgemm patch only adds prefetches (the weight rows a thread computes next, a few cache lines before each
+    column block of the current ones), so the same prompts decoded with and without it give the same bits. The four
+    prompts are decoded together (one ubatch of ~50 rows, several column blocks per matmul). (Whether the prefetches
+    were issued is not observable from here; benchmarks/synthesize.py measures their effect.)
     """
     b = backend
     feeds = [b.llm.tokenize(p.encode(), add_bos=False) for p in PROMPTS]
