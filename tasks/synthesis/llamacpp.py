@@ -27,8 +27,9 @@ that benchmark's output and in the closing notes that report it, never here:
 - Prompts are made cheap: the KV cells of the prefixes that prompts share (chat header, system message, the
   template's fixed opening, and further where prompts agree further, e.g. up to the reader's age) are computed once
   and copied into each new sequence (`llama_memory_seq_cp`): bit-identical cells (and logits, but for flash
-  attention, whose kernel depends on how many query rows a ubatch has); the recipes put what varies at the end. A prompt's tail is a second ubatch in its first step, so every token the cache covers is one
-  that step does not compute (`_share_prefix`).
+  attention, whose kernel depends on how many query rows a ubatch has); the recipes put what varies at the end. A
+  prompt's tail is a second ubatch in its first step, so every token the cache covers is one that step does not
+  compute (`_share_prefix`).
 - Sampling ranks only the candidates that can make the top k, every story of a step at once, reading llama.cpp's
   output buffer in place (`tasks/synthesis/sampling.py`).
 - Threads default to every core (`default_threads`); see there when to lower them.
@@ -238,7 +239,7 @@ class LlamaCppBackend:
             raise RuntimeError(f"llama_decode returned {status} (batch of {n} tokens)")
 
     def _share_prefix(self, seq_id: int, tokens: list[int]) -> int:
-        """Copy into `seq_id` the KV cells of the longest cached prefix of `tokens`; returns how many tokens that covers.
+        """Copy into `seq_id` the KV cells of the longest cached prefix of `tokens`; returns how many tokens it covers.
 
         Prefixes are learnt from the prompts themselves: the longest common token prefix of this prompt and a recent
         one is cached when it reaches MIN_SHARED_PREFIX tokens past what the cache covers already. So prompts that part
