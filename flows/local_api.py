@@ -17,6 +17,7 @@ server is up.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -49,14 +50,15 @@ def _free_port() -> int:
 def _start(home: Path) -> tuple[str, int]:
     """Launch the API detached; returns its URL and pid."""
     port = _free_port()
-    import prefect  # only when a server has to be started
-
+    # Where prefect is installed, without importing it: an import here would read its settings before the caller sets
+    # PREFECT_API_URL, and the run that started the server would then go to a temporary API after all.
+    site = Path(importlib.util.find_spec("prefect").origin).parent.parent
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
     log = open(home / "local-api.log", "ab")  # noqa: SIM115 (the child keeps the descriptor)
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(site), "--factory",
          "prefect.server.api.server:create_app", "--host", HOST, "--port", str(port), "--log-level", "error",
          "--lifespan", "on"],
         env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd=home,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from flows import local_api
 
@@ -23,7 +26,49 @@ def test_the_local_api_starts_once_is_reused_and_stops(tmp_path):
     while local_api.healthy(url) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not local_api.healthy(url) and not (tmp_path / local_api.RECORD).exists()
+    _reap(pid)
+
+
+def _reap(pid: int) -> None:
     try:
-        os.waitpid(pid, os.WNOHANG)  # reap it: it is this test process's child
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is this test process's child
     except ChildProcessError:
         pass
+
+
+FIRST_RUN = """
+import json, os, sys, urllib.request
+from pathlib import Path
+from flows.local_api import ensure_local_api
+
+url = ensure_local_api(Path(sys.argv[1]))  # what `python -m flows --server` does before it imports Prefect
+os.environ["PREFECT_API_URL"] = url
+from prefect import flow
+
+@flow(name="first-run-probe")
+def probe():
+    return 1
+
+probe()
+request = urllib.request.Request(f"{url}/flow_runs/filter", data=b"{}", headers={"Content-Type": "application/json"})
+with urllib.request.urlopen(request, timeout=30) as reply:
+    print(json.dumps([run["state_type"] for run in json.loads(reply.read())]))
+"""
+
+
+def test_the_run_that_starts_the_local_api_is_recorded_by_it(tmp_path):
+    """The first `--server` run (the one that has to start the server) must land in that server's database, not in a
+    temporary API's: nothing may import Prefect (and so read PREFECT_API_URL) before the URL is set."""
+    home = tmp_path / "local"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "elsewhere")}  # where a temporary API would keep its runs
+    env.pop("PREFECT_API_URL", None)
+    try:
+        done = subprocess.run([sys.executable, "-c", FIRST_RUN, str(home)], env=env, capture_output=True, text=True,
+                              timeout=240, cwd=Path(__file__).resolve().parent.parent)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == ["COMPLETED"]
+        assert "Starting temporary server" not in done.stderr + done.stdout
+    finally:
+        pid = json.loads((home / local_api.RECORD).read_text())["pid"]
+        local_api.stop(home)
+        _reap(pid)
