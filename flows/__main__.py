@@ -18,8 +18,8 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 from pipeline_config import ConfigError, load_config  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows", description="Run the build-model flow.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `python -m flows`, shared with `scriptorium run`."""
     parser.add_argument("--preset", default="quickstart", help="preset name in pipeline_config/presets or a YAML path")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one knob, e.g. --set train.max_steps=300 (repeatable)")
@@ -28,7 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server", action="store_true",
                         help="record the run in a local Prefect API kept running in .prefect/ (started detached on "
                         "first use; flows/local_api.py) instead of a temporary one started for this run")
-    args = parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows", description="Run the build-model flow.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate the configuration, then run build-model and print its summary; the exit status."""
     try:
         cfg = load_config(args.preset, args.overrides)
     except ConfigError as exc:

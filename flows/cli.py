@@ -103,9 +103,9 @@ def load(args: argparse.Namespace):
 
 # ------------------------------------------------------------------------------------------------------- commands
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.__main__ import main as run_main
+    from flows.__main__ import run
 
-    return run_main(["--preset", args.preset, *[x for kv in args.overrides for x in ("--set", kv)]])
+    return run(args)
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -266,12 +266,12 @@ def _generate_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flows import __main__ as flows_main  # no Prefect import: `--server` must set PREFECT_API_URL first
+
     parser = argparse.ArgumentParser(prog="scriptorium", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the build-model flow", description="Run the build-model flow.")
-    run.add_argument("--preset", default="quickstart", help="preset name in pipeline_config/presets or a YAML path")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override one knob, e.g. --set train.max_steps=300 (repeatable)")
+    flows_main.add_arguments(run)  # the options of `python -m flows`, from the one place they are defined
     run.set_defaults(func=cmd_run)
     _generate_parser(sub)
     export = sub.add_parser("export", help="export a model to a transformers folder or GGUF",

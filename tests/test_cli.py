@@ -121,3 +121,25 @@ def test_every_option_has_help_text():
         for action in sub._actions:
             if action.dest != "help":
                 assert action.help, f"scriptorium {name} {action.option_strings}: no help text"
+
+
+def test_scriptorium_run_takes_the_options_of_python_m_flows_and_refuses_a_bad_knob(tmp_path, capsys):
+    """`scriptorium run` = `python -m flows`: the same options parse to the same values (so `--server` and `--no-wait`
+    reach the run), and a bad `--set` is a one-line error with exit status 2 before anything is written."""
+    import argparse
+
+    from flows import __main__ as flows_main
+    from flows import cli
+
+    argv = ["--preset", "mini-llm", "--set", "train.max_steps=3", "--no-wait", "--server"]
+    direct = argparse.ArgumentParser()
+    flows_main.add_arguments(direct)
+    via_cli = vars(cli.build_parser().parse_args(["run", *argv]))
+    assert {k: via_cli[k] for k in vars(direct.parse_args(argv))} == vars(direct.parse_args(argv))
+    assert via_cli["server"] and via_cli["no_wait"] and via_cli["overrides"] == ["train.max_steps=3"]
+
+    bad = ["run", "--set", "train.max_steps=abc", "--set", f"artifacts_dir={tmp_path / 'artifacts'}"]
+    assert cli.main(bad) == 2
+    err = capsys.readouterr().err
+    assert "train.max_steps" in err and "Traceback" not in err
+    assert not (tmp_path / "artifacts").exists()
