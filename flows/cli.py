@@ -139,9 +139,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(kind: type, low: float | None = None, high: float | None = None, above: bool = False):
+    """A parser for one sampling knob (argparse `type=` and the REPL): a `kind` in [low, high] ((low, high] when
+    `above`); anything else raises ArgumentTypeError naming the range."""
+    if low is None:
+        bounds = f"({kind.__name__})"
+    elif high is None:
+        bounds = f">= {low}"
+    else:
+        bounds = f"in {'(' if above else '['}{low}, {high}]"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or (low is not None and (value < low or (above and value == low))) or \
+                (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"needs a number {bounds}, not {text!r}")
+        return value
+
+    return parse
+
+
+MAX_NEW_TOKENS = _number(int, 1)
+TEMPERATURE = _number(float, 0)
+TOP_K = _number(int, 0)
+TOP_P = _number(float, 0, 1, above=True)
 REPL_KNOBS: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "/temp": ("temperature", float), "/top_k": ("top_k", lambda v: int(v) or None), "/top_p": ("top_p", float),
-    "/max": ("max_new_tokens", int), "/seed": ("seed", int),
+    "/temp": ("temperature", TEMPERATURE), "/top_k": ("top_k", lambda v: TOP_K(v) or None), "/top_p": ("top_p", TOP_P),
+    "/max": ("max_new_tokens", MAX_NEW_TOKENS), "/seed": ("seed", _number(int)),
 }
 
 
@@ -157,8 +184,8 @@ def _repl_command(line: str, knobs: dict[str, Any]) -> str:
     key, parse = REPL_KNOBS[name]
     try:
         knobs[key] = parse(value.strip())
-    except ValueError:
-        return f"{name} needs a number, e.g. {name} 0.5"
+    except argparse.ArgumentTypeError as err:
+        return f"{name} {err}"
     return f"{key} = {knobs[key]}"
 
 
@@ -189,11 +216,18 @@ def repl(model, tokenizer, knobs: dict[str, Any], stream: bool = True, read: Cal
             write("\n")
 
 
+def _out_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out}: exists and is not a directory")
+    return out
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from model.export import export_gguf, export_hf, quantize_gguf, write_modelfile
 
+    out = _out_dir(args.out)
     model, _, tok = load(args)
-    out = Path(args.out)
     if args.format == "hf":
         print(export_hf(model, tok, out))
         return 0
@@ -210,9 +244,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_attention(args: argparse.Namespace) -> int:
     from model.attention_maps import AttentionMapError, write_attention_maps
 
+    out = _out_dir(args.out)
     model, tokenizer, _ = load(args)
     try:
-        paths = write_attention_maps(model, tokenizer, args.prompt, Path(args.out))
+        paths = write_attention_maps(model, tokenizer, args.prompt, out)
     except AttentionMapError as err:
         raise CLIError(str(err)) from None
     print(f"{len(paths)} attention maps ({model.config.n_layer} layers x {model.config.n_head} heads) in {args.out}")
@@ -254,11 +289,11 @@ def _generate_parser(sub) -> None:
     source = gen.add_mutually_exclusive_group()
     source.add_argument("--prompt", default="Once upon a time", help="the text to continue")
     source.add_argument("--prompts-file", help="one prompt per line, generated together in one left-padded batch")
-    gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to add at most (stops at </s>)")
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    gen.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
-    gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: the smallest set with this mass")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed (the same seed gives the same text)")
+    gen.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS, default=128, help="tokens to add at most (stops at </s>)")
+    gen.add_argument("--temperature", type=TEMPERATURE, default=0.8, help="0 is greedy")
+    gen.add_argument("--top-k", type=TOP_K, default=50, help="sample among the k most likely tokens (0: all)")
+    gen.add_argument("--top-p", type=TOP_P, default=0.95, help="nucleus sampling: the smallest set with this mass")
+    gen.add_argument("--seed", type=_number(int), default=0, help="sampling seed (the same seed gives the same text)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are sampled")
     gen.add_argument("--interactive", action="store_true",
                      help="a REPL: each line is a prompt; /temp 0.5, /top_k 20, /top_p 0.9, /max 64, /seed 1; Ctrl-D")

@@ -143,3 +143,19 @@ def test_scriptorium_run_takes_the_options_of_python_m_flows_and_refuses_a_bad_k
     err = capsys.readouterr().err
     assert "train.max_steps" in err and "Traceback" not in err
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_out_of_range_sampling_and_an_out_that_is_a_file_are_one_line_errors(trained, tmp_path, capsys):
+    from flows import cli
+
+    for argv in (["--max-new-tokens", "0"], ["--temperature", "-1"], ["--top-p", "0"], ["--top-k", "x"]):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["generate", "--model", str(trained), *argv])
+        assert exited.value.code == 2
+        assert f"argument {argv[0]}: needs a number" in capsys.readouterr().err
+    a_file = tmp_path / "a-file"
+    a_file.write_text("kept")
+    for command in (["export", "--format", "hf"], ["attention", "--prompt", "the dog"]):
+        assert cli.main([*command, "--model", str(trained), "--out", str(a_file)]) == 1
+        assert capsys.readouterr().err.strip() == f"error: --out {a_file}: exists and is not a directory"
+    assert a_file.read_text() == "kept"
