@@ -43,6 +43,13 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if cfg.train.device not in ("auto", "cpu"):  # torch is imported only to check a device that was asked for
+        from tasks.training.devices import device_unavailable
+
+        why = device_unavailable(cfg.train.device)
+        if why:
+            print(f"error: {why}", file=sys.stderr)
+            return 2
 
     if args.server and not os.environ.get("PREFECT_API_URL"):  # before Prefect is imported: it reads the setting once
         from flows.local_api import ensure_local_api

@@ -20,16 +20,20 @@ from tasks.evaluate import evaluate_task
 from tasks.export import export_task
 from tasks.register import register_task
 from tasks.shard import shard_task
-from tasks.stage import StageRunner, hold_artifacts, reference_serializer
+from tasks.stage import PipelineError, StageRunner, hold_artifacts, reference_serializer
 from tasks.synthesize import synthesize_task
 from tasks.tokenizer import tokenizer_task
 from tasks.train import train_task
+from tasks.training.devices import device_unavailable
 
 
 # A failed run persists its exception: as JSON, not with Prefect's default pickle
 @flow(name="build-model", log_prints=True, result_serializer=reference_serializer())
 def build_model(preset: str = "quickstart", overrides: list[str] | None = None) -> dict[str, Any]:
     cfg = load_config(preset, overrides or [])
+    why = device_unavailable(cfg.train.device)
+    if why:  # before any stage runs, as for a configuration error: a deployment's run fails here, in one line
+        raise PipelineError(why)
     with hold_artifacts(cfg.artifacts_dir):  # one run at a time per artifacts directory; a second one waits
         return run_pipeline(cfg)
 

@@ -575,6 +575,28 @@ def test_config_errors_stop_before_any_stage_with_status_2(tmp_path):
     assert not root.exists()
 
 
+def test_a_device_this_machine_lacks_stops_before_any_stage(tmp_path, capsys):
+    """`train.device: cuda` (or mps) where torch sees none: `python -m flows` exits 2 before Prefect starts, and the
+    flow itself (what a deployment's run calls) fails in one line before any stage, with nothing written."""
+    import torch
+
+    from flows.__main__ import main
+    from flows.build_model import build_model
+    from tasks.stage import PipelineError
+
+    missing = [name for name, there in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()))
+               if not there]
+    if not missing:
+        pytest.skip("this machine has both CUDA and MPS")
+    root = tmp_path / "artifacts"
+    overrides = [f"artifacts_dir={root}", f"train.device={missing[0]}"]
+    assert main([x for o in overrides for x in ("--set", o)]) == 2
+    assert f"error: train.device is '{missing[0]}'" in capsys.readouterr().err
+    with pytest.raises(PipelineError, match=f"train.device is '{missing[0]}'"):
+        build_model.fn("quickstart", overrides)
+    assert not root.exists()
+
+
 def test_a_404_fails_once_not_retried_and_prints_one_line_without_credentials(prefect_api, tmp_path):
     from prefect.settings import PREFECT_API_URL
 

@@ -15,11 +15,19 @@ from pathlib import Path
 import torch
 
 
-def pick_device(name: str) -> torch.device:
+def device_unavailable(name: str) -> str | None:
+    """Why `train.device: name` cannot run on this machine (one line naming the fix), or None when it can."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+        return "train.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'"
     if name == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("train.device is 'mps' but MPS is not available; use 'auto' or 'cpu'")
+        return "train.device is 'mps' but MPS is not available; use 'auto' or 'cpu'"
+    return None
+
+
+def pick_device(name: str) -> torch.device:
+    why = device_unavailable(name)
+    if why:
+        raise RuntimeError(why)
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per torchrun process
         torch.cuda.set_device(device)
