@@ -31,7 +31,7 @@ from pipeline_config.schema import AcquireConfig, SourceConfig
 from tasks.corpus.download import AcquireError, download, hub_files, url_file_name
 from tasks.corpus.formats import FileReport, documents_from, resolve_local
 from tasks.corpus.sampling import content_hashes
-from tasks.stage import Stage, atomic_path, describe_files, prefect_task
+from tasks.stage import Stage, atomic_path, describe_files, prefect_task, redact
 
 __all__ = ["AcquireError", "DOCUMENTS", "acquire", "download", "normalize"]
 
@@ -137,6 +137,12 @@ def _read_file(path: Path, source: SourceConfig, documents: DocumentWriter, log:
                     path.name, report.replaced, source.encoding)
 
 
+def _nothing_kept(cfg: AcquireConfig, counts: Counter) -> str:
+    where = ", ".join(s.path or s.url or s.dataset or s.kind for s in cfg.sources)
+    return (f"acquire.sources ({redact(where)}) gave no documents: {counts['dropped_short']} shorter than "
+            f"acquire.min_chars, {counts['duplicates']} duplicates; check the paths, format and min_chars")
+
+
 def acquire(cfg: AcquireConfig, out_dir: Path, log: logging.Logger | None = None) -> dict[str, Any]:
     log = log or logging.getLogger(__name__)
     with atomic_path(out_dir / DOCUMENTS) as tmp, pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
@@ -152,6 +158,8 @@ def acquire(cfg: AcquireConfig, out_dir: Path, log: logging.Logger | None = None
                 log.info("acquire: byte budget of %d reached; stopped at a document boundary", cfg.byte_budget)
                 break
         documents.flush()
+        if not documents.kept:  # before the empty file is put in place: the stage fails, nothing is written
+            raise AcquireError(_nothing_kept(cfg, documents.counts))
     counts = documents.counts
     replaced = {key.split(":", 1)[1]: n for key, n in counts.items() if key.startswith("replaced:")}
     return {

@@ -120,6 +120,18 @@ def test_duplicates_are_dropped_and_counted_and_row_groups_follow_batch_bytes(tm
     assert pq.ParquetFile(tmp_path / "documents.parquet").num_row_groups == summary["row_groups"] > 4
 
 
+def test_sources_that_give_no_document_fail_the_stage_and_write_nothing(tmp_path):
+    """An empty file, or one whose documents are all shorter than `min_chars`, is a mistake to name, not a corpus."""
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("a\n\nbb\n\nccc")
+    cases = [([SourceConfig(path=str(tmp_path / "empty.txt"))], 1, "0 shorter"),
+             ([SourceConfig(path=str(tmp_path / "short.txt"))], 4, "3 shorter than acquire.min_chars")]
+    for sources, min_chars, counted in cases:
+        with pytest.raises(AcquireError, match=f"gave no documents: {counted}"):
+            acquire(AcquireConfig(sources=sources, min_chars=min_chars), tmp_path / "out", LOG)
+        assert not (tmp_path / "out" / "documents.parquet").exists()
+
+
 def test_reading_stops_at_the_byte_budget(tmp_path, monkeypatch):
     """Past the budget the file holds an invalid byte: reading it would fail, so passing proves it was not read."""
     monkeypatch.setattr(formats, "BLOCK", 1 << 12)
