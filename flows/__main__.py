@@ -16,6 +16,7 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
 from pipeline_config import ConfigError, load_config  # noqa: E402
+from tasks.training import device_unavailable  # noqa: E402
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,13 +44,10 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if cfg.train.device not in ("auto", "cpu"):  # torch is imported only to check a device that was asked for
-        from tasks.training.devices import device_unavailable
-
-        why = device_unavailable(cfg.train.device)
-        if why:
-            print(f"error: {why}", file=sys.stderr)
-            return 2
+    why = device_unavailable(cfg.train.device)
+    if why:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
 
     if args.server and not os.environ.get("PREFECT_API_URL"):  # before Prefect is imported: it reads the setting once
         from flows.local_api import ensure_local_api

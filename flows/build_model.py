@@ -24,7 +24,7 @@ from tasks.stage import PipelineError, StageRunner, hold_artifacts, reference_se
 from tasks.synthesize import synthesize_task
 from tasks.tokenizer import tokenizer_task
 from tasks.train import train_task
-from tasks.training.devices import device_unavailable
+from tasks.training import device_unavailable
 
 
 # A failed run persists its exception: as JSON, not with Prefect's default pickle

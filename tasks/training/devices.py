@@ -14,14 +14,7 @@ from pathlib import Path
 
 import torch
 
-
-def device_unavailable(name: str) -> str | None:
-    """Why `train.device: name` cannot run on this machine (one line naming the fix), or None when it can."""
-    if name == "cuda" and not torch.cuda.is_available():
-        return "train.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'"
-    if name == "mps" and not torch.backends.mps.is_available():
-        return "train.device is 'mps' but MPS is not available; use 'auto' or 'cpu'"
-    return None
+from tasks.training import device_unavailable
 
 
 def pick_device(name: str) -> torch.device:
