@@ -120,6 +120,14 @@ def test_duplicates_are_dropped_and_counted_and_row_groups_follow_batch_bytes(tm
     assert pq.ParquetFile(tmp_path / "documents.parquet").num_row_groups == summary["row_groups"] > 4
 
 
+def test_a_directory_source_reads_known_formats_recursively_less_hidden_entries(tmp_path):
+    for name in ("a.txt", "sub/b.jsonl.gz", "sub/notes.md", ".git/c.txt", "sub/.d.txt", "__pycache__/e.json"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    assert formats.resolve_local(str(tmp_path)) == [tmp_path / "a.txt", tmp_path / "sub" / "b.jsonl.gz"]
+    assert formats.resolve_local(str(tmp_path / ".git" / "*.txt")) == [tmp_path / ".git" / "c.txt"]  # named: read
+
+
 def test_sources_that_give_no_document_fail_the_stage_and_write_nothing(tmp_path):
     """An empty file, or one whose documents are all shorter than `min_chars`, is a mistake to name, not a corpus."""
     (tmp_path / "empty.txt").write_text("")

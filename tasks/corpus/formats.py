@@ -43,12 +43,15 @@ class FileReport:
 
 
 def resolve_local(pattern: str) -> list[Path]:
-    """Files named by a path, directory or glob; relative paths are relative to the repository root."""
+    """Files named by a path, directory or glob; relative paths are relative to the repository root. A directory is
+    read recursively, less hidden files and folders (`.git/`, `.cache/`, ...) and `__`-prefixed ones, as Hugging Face
+    `datasets` does with a data directory."""
     base = Path(pattern).expanduser()
     if not base.is_absolute():
         base = REPO_ROOT / base
     if base.is_dir():
-        files = [p for p in sorted(base.rglob("*")) if p.is_file() and _known_suffix(p) is not None]
+        files = [p for p in sorted(base.rglob("*")) if p.is_file() and _known_suffix(p) is not None
+                 and not any(part.startswith((".", "__")) for part in p.relative_to(base).parts)]
     else:
         files = [Path(p) for p in sorted(glob.glob(str(base), recursive=True)) if Path(p).is_file()]
     if not files:
