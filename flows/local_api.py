@@ -17,6 +17,7 @@ server is up.
 """
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -30,6 +31,7 @@ from pathlib import Path
 
 HOST = "127.0.0.1"
 RECORD = "local-api.json"
+LOCK = "local-api.lock"
 START_TIMEOUT_S = 60.0
 
 
@@ -68,8 +70,15 @@ def _start(home: Path) -> tuple[str, int]:
 
 
 def ensure_local_api(home: Path) -> str | None:
-    """The URL of a healthy local API (found or started), or None: use the temporary one."""
+    """The URL of a healthy local API (found or started), or None: use the temporary one. Two runs starting at once
+    take turns on a lock, so the second finds the server the first started instead of starting (and orphaning) one."""
     home.mkdir(parents=True, exist_ok=True)
+    with open(home / LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
+        return _find_or_start(home)
+
+
+def _find_or_start(home: Path) -> str | None:
     record = home / RECORD
     try:
         known = json.loads(record.read_text())["url"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -72,3 +73,33 @@ def test_the_run_that_starts_the_local_api_is_recorded_by_it(tmp_path):
         pid = json.loads((home / local_api.RECORD).read_text())["pid"]
         local_api.stop(home)
         _reap(pid)
+
+
+def _servers_in(home: Path) -> list[int]:
+    """Pids of the processes running in `home` (the local API runs with it as its working directory)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and Path(os.readlink(proc / "cwd")) == home:
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_runs_starting_at_once_share_one_local_api(tmp_path):
+    """Three `--server` runs starting together: one server is started and all three use it; none is left orphaned
+    (started, then dropped from the record, so that `flows.local_api stop` could not find it)."""
+    home = tmp_path / "local"
+    probe = "import sys, pathlib, flows.local_api as api; print(api.ensure_local_api(pathlib.Path(sys.argv[1])))"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    runs = [subprocess.Popen([sys.executable, "-c", probe, str(home)], env=env, stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).resolve().parent.parent) for _ in range(3)]
+    try:
+        urls = {run.communicate(timeout=240)[0].strip() for run in runs}
+        assert len(urls) == 1 and urls.pop().startswith("http://127.0.0.1:")
+        assert len(_servers_in(home.resolve())) == 1
+    finally:
+        local_api.stop(home)
+        for pid in _servers_in(home.resolve()):
+            os.killpg(pid, signal.SIGTERM)
