@@ -32,6 +32,7 @@ from pathlib import Path
 HOST = "127.0.0.1"
 RECORD = "local-api.json"
 LOCK = "local-api.lock"
+APP = "prefect.server.api.server:create_app"
 START_TIMEOUT_S = 60.0
 
 
@@ -61,7 +62,7 @@ def _start(home: Path) -> tuple[str, int]:
     log = open(home / "local-api.log", "ab")  # noqa: SIM115 (the child keeps the descriptor)
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--app-dir", str(site), "--factory",
-         "prefect.server.api.server:create_app", "--host", HOST, "--port", str(port), "--log-level", "error",
+         APP, "--host", HOST, "--port", str(port), "--log-level", "error",
          "--lifespan", "on"],
         env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd=home,
     )
@@ -98,16 +99,27 @@ def _find_or_start(home: Path) -> str | None:
     return None
 
 
+def _is_the_server(pid: int, url: str) -> bool:
+    try:
+        return APP.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return not Path("/proc/self").exists() and healthy(url)  # no procfs (macOS): trust an answering API
+    except OSError:
+        return False
+
+
 def stop(home: Path) -> bool:
     """Stop the server recorded in `home` (the one `ensure_local_api` started)."""
     try:
-        pid = int(json.loads((home / RECORD).read_text())["pid"])
+        known = json.loads((home / RECORD).read_text())
+        pid, url = int(known["pid"]), str(known["url"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    try:
-        os.killpg(pid, signal.SIGTERM)  # its own session: uvicorn and nothing else
-    except ProcessLookupError:
-        pass
+    if _is_the_server(pid, url):  # a record outliving its server (a reboot) may name a pid reused by anything
+        try:
+            os.killpg(pid, signal.SIGTERM)  # its own session: uvicorn and nothing else
+        except ProcessLookupError:
+            pass
     (home / RECORD).unlink(missing_ok=True)
     return True
 

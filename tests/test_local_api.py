@@ -103,3 +103,18 @@ def test_runs_starting_at_once_share_one_local_api(tmp_path):
         local_api.stop(home)
         for pid in _servers_in(home.resolve()):
             os.killpg(pid, signal.SIGTERM)
+
+
+def test_stop_leaves_alone_a_process_that_took_a_dead_servers_pid(tmp_path):
+    """After a reboot the record can name a pid that now belongs to something else: `stop` drops the record and
+    signals nothing that is not the server it started."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        (tmp_path / local_api.RECORD).write_text(json.dumps({"url": "http://127.0.0.1:9/api", "pid": other.pid}))
+        assert local_api.stop(tmp_path)
+        assert not (tmp_path / local_api.RECORD).exists()
+        time.sleep(0.5)
+        assert other.poll() is None  # still running: not ours to stop
+    finally:
+        other.kill()
+        other.wait()
