@@ -114,19 +114,25 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
-    if args.prompts_file:
+    if not args.prompts_file:
+        return [args.prompt]
+    try:
         lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
-        return [line for line in lines if line.strip()]
-    return [args.prompt]
+    except UnicodeDecodeError as err:
+        raise CLIError(f"--prompts-file {args.prompts_file}: not UTF-8 text (byte {err.start})") from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise CLIError(f"--prompts-file {args.prompts_file}: no prompt in it (one per line)")
+    return prompts
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from model.generation import generate_text, stream_text
 
+    prompts = [] if args.interactive else _prompts(args)  # a bad prompts file fails before the model loads
     model, tokenizer, _ = load(args)
     if args.interactive:
         return repl(model, tokenizer, _sampling(args), args.stream)
-    prompts = _prompts(args)
     if args.stream:
         for prompt in prompts:
             print(prompt, end="", flush=True)

@@ -145,7 +145,7 @@ def test_scriptorium_run_takes_the_options_of_python_m_flows_and_refuses_a_bad_k
     assert not (tmp_path / "artifacts").exists()
 
 
-def test_out_of_range_sampling_and_an_out_that_is_a_file_are_one_line_errors(trained, tmp_path, capsys):
+def test_bad_sampling_values_prompts_files_and_outs_are_one_line_errors(trained, tmp_path, capsys):
     from flows import cli
 
     for argv in (["--max-new-tokens", "0"], ["--temperature", "-1"], ["--top-p", "0"], ["--top-k", "x"]):
@@ -153,6 +153,11 @@ def test_out_of_range_sampling_and_an_out_that_is_a_file_are_one_line_errors(tra
             cli.main(["generate", "--model", str(trained), *argv])
         assert exited.value.code == 2
         assert f"argument {argv[0]}: needs a number" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "latin1.txt").write_bytes("il était une fois\n".encode("latin-1"))
+    for name, says in (("empty.txt", "no prompt in it (one per line)"), ("latin1.txt", "not UTF-8 text (byte 4)")):
+        assert cli.main(["generate", "--model", str(trained), "--prompts-file", str(tmp_path / name)]) == 1
+        assert capsys.readouterr().err.strip() == f"error: --prompts-file {tmp_path / name}: {says}"
     a_file = tmp_path / "a-file"
     a_file.write_text("kept")
     for command in (["export", "--format", "hf"], ["attention", "--prompt", "the dog"]):
