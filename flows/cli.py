@@ -119,7 +119,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     try:
         lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
-        raise CLIError(f"--prompts-file {args.prompts_file}: not UTF-8 text (byte {err.start})") from None
+        raise CLIError(f"--prompts-file {args.prompts_file}: not UTF-8 text (invalid byte at offset {err.start})") from None
     prompts = [line for line in lines if line.strip()]
     if not prompts:
         raise CLIError(f"--prompts-file {args.prompts_file}: no prompt in it (one per line)")
