@@ -9,11 +9,13 @@ stops it at exit. `python -m flows --server` instead talks to a server that outl
   free port, with its database in `.prefect/` (PREFECT_HOME, git-ignored: the same database `make server` shows in
   its UI), its log in `.prefect/local-api.log`, and recorded in `.prefect/local-api.json`. (A port is not probed
   for someone else's server: an API that answers there may keep its runs in another database.)
-- if it does not answer within `START_TIMEOUT_S`, the run goes on with the temporary API, as before.
+- if it does not answer within `START_TIMEOUT_S`, the run goes on with the temporary API, as before;
+- runs starting at once take turns on `.prefect/local-api.lock`, so one server is started, not one each.
 
-The runs are recorded by Prefect either way. `python -m flows.local_api stop` stops the server this started.
-Only the standard library is imported here: this runs before Prefect is imported, and must cost nothing when the
-server is up.
+The runs are recorded by Prefect either way. `python -m flows.local_api stop` stops the server this started (the pid
+in the record is signalled only while it is still that server: after a reboot it may be anyone's). Only the standard
+library is imported here, and Prefect is not: this runs before the caller sets PREFECT_API_URL, which Prefect reads
+once, on import; and it must cost nothing when the server is up.
 """
 from __future__ import annotations
 
@@ -61,9 +63,8 @@ def _start(home: Path) -> tuple[str, int]:
     env.pop("PREFECT_API_URL", None)
     log = open(home / "local-api.log", "ab")  # noqa: SIM115 (the child keeps the descriptor)
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--app-dir", str(site), "--factory",
-         APP, "--host", HOST, "--port", str(port), "--log-level", "error",
-         "--lifespan", "on"],
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(site), "--factory", APP, "--host", HOST, "--port", str(port),
+         "--log-level", "error", "--lifespan", "on"],
         env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd=home,
     )
     log.close()
