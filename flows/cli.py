@@ -16,6 +16,7 @@ any folder holding `model.safetensors`, `model_config.json` and a tokenizer. Gen
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -119,7 +120,8 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     try:
         lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
-        raise CLIError(f"--prompts-file {args.prompts_file}: not UTF-8 text (invalid byte at offset {err.start})") from None
+        raise CLIError(f"--prompts-file {args.prompts_file}: not UTF-8 text (invalid byte at offset {err.start})") \
+            from None
     prompts = [line for line in lines if line.strip()]
     if not prompts:
         raise CLIError(f"--prompts-file {args.prompts_file}: no prompt in it (one per line)")
@@ -156,13 +158,15 @@ def _number(kind: type, low: float | None = None, high: float | None = None, abo
         bounds = f"in {'(' if above else '['}{low}, {high}]"
 
     def parse(text: str):
+        wrong = argparse.ArgumentTypeError(f"needs a number {bounds}, not {text!r}")
         try:
             value = kind(text)
         except ValueError:
-            value = None
-        if value is None or (low is not None and (value < low or (above and value == low))) or \
-                (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"needs a number {bounds}, not {text!r}")
+            raise wrong from None
+        fits = math.isfinite(value) and (low is None or value > low or (value == low and not above)) and \
+            (high is None or value <= high)
+        if not fits:  # nan and inf too: a nan temperature would sample garbage without a word
+            raise wrong
         return value
 
     return parse

@@ -148,7 +148,8 @@ def test_scriptorium_run_takes_the_options_of_python_m_flows_and_refuses_a_bad_k
 def test_bad_sampling_values_prompts_files_and_outs_are_one_line_errors(trained, tmp_path, capsys):
     from flows import cli
 
-    for argv in (["--max-new-tokens", "0"], ["--temperature", "-1"], ["--top-p", "0"], ["--top-k", "x"]):
+    for argv in (["--max-new-tokens", "0"], ["--temperature", "-1"], ["--top-p", "0"], ["--top-k", "x"],
+                 ["--temperature", "nan"]):
         with pytest.raises(SystemExit) as exited:
             cli.main(["generate", "--model", str(trained), *argv])
         assert exited.value.code == 2
