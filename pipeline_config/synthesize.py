@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 class QualityConfig(BaseModel):
     """Thresholds of the quality gates (tasks/synthesis/quality.py); a story failing one is rejected and counted."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     min_words: int = Field(40, ge=0, description="fewer words than this: rejected as too_short")
     max_words: int = Field(600, ge=1, description="more words than this: rejected as too_long")
@@ -63,7 +63,7 @@ class QualityConfig(BaseModel):
 class SynthesizeConfig(BaseModel):
     """How many stories to write, with which recipe, by which model, and how they are judged."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
     # what to generate
     n: int = Field(0, ge=0, description="number of story slots to fill; 0 skips the stage")

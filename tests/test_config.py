@@ -24,6 +24,14 @@ def test_wrong_value_names_allowed_values_and_the_override():
     assert "--set" in str(err.value) and "'gpt', 'llama' or 'mamba2'" in str(err.value)
 
 
+@pytest.mark.parametrize("override", ["train.learning_rate=.inf", "synthesize.temperature=.inf",
+                                      "synthesize.quality.max_repeated_ngram_fraction=.nan", "acquire.byte_budget=.inf"])
+def test_an_infinite_or_nan_knob_is_a_config_error(override):
+    """`.inf` passes `gt=0`, and a run at an infinite learning rate would only fail once training diverged."""
+    with pytest.raises(ConfigError, match="finite number"):
+        load_config("quickstart", [override])
+
+
 def test_cli_exits_2_and_writes_nothing_on_a_bad_key(tmp_path, capsys):
     from flows.__main__ import main
 
