@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from prefect import get_client, serve
@@ -20,6 +21,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron
 
 from flows.build_model import build_model
+from pipeline_config import ConfigError, load_config
 
 PREFECT_YAML = Path(__file__).resolve().parent.parent / "prefect.yaml"
 
@@ -36,9 +38,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cron", help="cron of the scheduled deployments (default: prefect.yaml's, e.g. '0 2 * * *')")
     parser.add_argument("--timezone", help="IANA time zone of the cron, e.g. Europe/Paris (default: prefect.yaml's)")
     args = parser.parse_args(argv)
+    _check(parser, args)
     deployments = []
     for spec in deployment_specs():
         parameters = {**spec.get("parameters", {}), **({"preset": args.preset} if args.preset else {})}
+        try:  # the preset and overrides each deployment will run with: a mistake shows now, not at 2 a.m.
+            load_config(parameters.get("preset", "quickstart"), parameters.get("overrides") or [])
+        except ConfigError as err:
+            parser.exit(2, f"error: deployment {spec['name']}: {err}\n")
         schedules = [
             Cron(args.cron or schedule["cron"], timezone=args.timezone or schedule.get("timezone"))
             for schedule in spec.get("schedules") or []
@@ -49,6 +56,20 @@ def main(argv: list[str] | None = None) -> None:
         ))
     _take_over_from_work_pools([f"{build_model.name}/{deployment.name}" for deployment in deployments])
     serve(*deployments)
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--cron and --timezone, each named in a one-line error (exit 2) before anything is served."""
+    if args.cron:
+        try:
+            Cron(args.cron)
+        except ValueError:
+            parser.error(f"--cron {args.cron!r}: not a cron expression (five fields, e.g. '0 2 * * *')")
+    if args.timezone:
+        try:
+            ZoneInfo(args.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            parser.error(f"--timezone {args.timezone!r}: not an IANA time zone (e.g. Europe/Paris)")
 
 
 def _take_over_from_work_pools(names: list[str]) -> None:

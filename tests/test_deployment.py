@@ -234,3 +234,20 @@ def _tail(path: Path | None, lines: int = 60) -> str:
     if path is None or not path.is_file():
         return ""
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def test_serve_names_a_bad_cron_time_zone_or_preset_in_one_line_before_serving(capsys, monkeypatch):
+    """`python -m flows.serve` checks what it was given before it talks to any API (none answers here)."""
+    import pytest
+
+    from flows import serve
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    cases = [(["--cron", "every night"], "--cron 'every night': not a cron expression"),
+             (["--timezone", "Mars/Olympus"], "--timezone 'Mars/Olympus': not an IANA time zone"),
+             (["--preset", "nope"], "error: deployment nightly: unknown preset 'nope'")]
+    for argv, says in cases:
+        with pytest.raises(SystemExit) as exited:
+            serve.main(argv)
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and says in err and "Traceback" not in err
