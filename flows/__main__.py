@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
@@ -50,9 +49,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     if args.server and not os.environ.get("PREFECT_API_URL"):  # before Prefect is imported: it reads the setting once
-        from flows.local_api import ensure_local_api
+        from flows.local_api import HOME, ensure_local_api
 
-        url = ensure_local_api(Path(__file__).resolve().parent.parent / ".prefect")
+        url = ensure_local_api(HOME)
         if url:
             os.environ["PREFECT_API_URL"] = url
     from tasks.stage import PipelineError, hold_artifacts, redact

@@ -19,6 +19,7 @@ once, on import; and it must cost nothing when the server is up.
 """
 from __future__ import annotations
 
+import argparse
 import fcntl
 import importlib.util
 import json
@@ -32,6 +33,7 @@ import urllib.request
 from pathlib import Path
 
 HOST = "127.0.0.1"
+HOME = Path(__file__).resolve().parent.parent / ".prefect"  # what `python -m flows --server` uses
 RECORD = "local-api.json"
 LOCK = "local-api.lock"
 APP = "prefect.server.api.server:create_app"
@@ -125,9 +127,20 @@ def stop(home: Path) -> bool:
     return True
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.local_api", description=__doc__.splitlines()[0])
+    parser.add_argument("action", nargs="?", choices=("start", "stop"), default="start",
+                        help="start: find or start the API and print its URL; stop: stop the one started here")
+    parser.add_argument("--home", type=Path, default=HOME, help=f"its PREFECT_HOME (default: {HOME})")
+    args = parser.parse_args(argv)
+    home = args.home.resolve()
+    if args.action == "stop":
+        print("stopped" if stop(home) else f"no local API recorded in {home}")
+        return 0
+    url = ensure_local_api(home)
+    print(url or "could not start a local API")
+    return 0 if url else 1
+
+
 if __name__ == "__main__":
-    where = Path(sys.argv[2] if len(sys.argv) > 2 else ".prefect").resolve()
-    if sys.argv[1:2] == ["stop"]:
-        print("stopped" if stop(where) else "no local API recorded in " + str(where))
-    else:
-        print(ensure_local_api(where) or "could not start a local API")
+    sys.exit(main())

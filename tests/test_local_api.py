@@ -118,3 +118,21 @@ def test_stop_leaves_alone_a_process_that_took_a_dead_servers_pid(tmp_path):
     finally:
         other.kill()
         other.wait()
+
+
+def test_the_command_line_starts_and_stops_the_api_of_the_home_it_is_given(tmp_path):
+    """`python -m flows.local_api [start|stop] [--home DIR]`: the home is honoured for both (it was read only from a
+    second argument, so `python -m flows.local_api DIR` started the repository's API instead)."""
+    home = tmp_path / "home"
+    command = [sys.executable, "-m", "flows.local_api"]
+    repo = Path(__file__).resolve().parent.parent
+    run = {"capture_output": True, "text": True, "cwd": tmp_path, "env": {**os.environ, "PYTHONPATH": str(repo)}}
+    started = subprocess.run([*command, "--home", str(home)], timeout=240, **run)
+    try:
+        assert started.returncode == 0, started.stderr[-2000:]
+        url = started.stdout.strip()
+        assert local_api.healthy(url) and json.loads((home / local_api.RECORD).read_text())["url"] == url
+    finally:
+        stopped = subprocess.run([*command, "stop", "--home", str(home)], timeout=60, **run)
+    assert stopped.stdout.strip() == "stopped" and not (home / local_api.RECORD).exists()
+    assert local_api.HOME == repo / ".prefect"  # the default: what `python -m flows --server` uses, from any directory
