@@ -25,7 +25,8 @@ def test_wrong_value_names_allowed_values_and_the_override():
 
 
 @pytest.mark.parametrize("override", ["train.learning_rate=.inf", "synthesize.temperature=.inf",
-                                      "synthesize.quality.max_repeated_ngram_fraction=.nan", "acquire.byte_budget=.inf"])
+                                      "synthesize.quality.max_repeated_ngram_fraction=.nan",
+                                      "acquire.byte_budget=.inf"])
 def test_an_infinite_or_nan_knob_is_a_config_error(override):
     """`.inf` passes `gt=0`, and a run at an infinite learning rate would only fail once training diverged."""
     with pytest.raises(ConfigError, match="finite number"):
@@ -79,3 +80,15 @@ def test_fingerprint_follows_file_contents_not_timings(tmp_path):
     changed = write_manifest(tmp_path / "c", "train", {"config": {"k": 1}, "files": {"x.bin": {"bytes": 3, "sha256": "b" * 64}}})
     assert changed.fingerprint != first.fingerprint
     assert load_artifact(tmp_path / "a", "train") == first
+
+
+def test_a_preset_file_that_is_not_yaml_or_not_utf8_is_one_line_naming_where(tmp_path):
+    (tmp_path / "bad.yaml").write_text("train:\n  max_steps: 3\n   bad: 1\n")
+    (tmp_path / "latin1.yaml").write_bytes("name: \xe9t\xe9\n".encode("latin-1"))
+    cases = [(tmp_path / "bad.yaml", [], "not valid YAML: mapping values are not allowed here at line 3, column 7"),
+             (tmp_path / "latin1.yaml", [], "not UTF-8 text (invalid byte at offset 6)"),
+             ("quickstart", ["train.max_steps=[1"], "value is not valid YAML: expected ',' or ']'")]
+    for preset, overrides, says in cases:
+        with pytest.raises(ConfigError) as err:
+            load_config(preset, overrides)
+        assert says in str(err.value) and "\n" not in str(err.value)
