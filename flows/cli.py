@@ -79,6 +79,9 @@ def resolve_model(spec: str, tracking_uri: str, tokenizer: str | None = None) ->
         weights, config, tok = _registry_files(spec, tracking_uri)
         return weights, config, Path(tokenizer) if tokenizer else tok
     folder = Path(spec)
+    if folder.suffix == ".gguf" and folder.is_file():
+        raise CLIError(f"{spec}: a GGUF file runs in llama.cpp or Ollama (`ollama create -f` its Modelfile); --model "
+                       "takes models:/NAME@ALIAS, models:/NAME/VERSION or a directory")
     if not (folder / "model.safetensors").is_file() or not (folder / "model_config.json").is_file():
         raise CLIError(f"{spec}: no model.safetensors and model_config.json in {folder}")
     if tokenizer:

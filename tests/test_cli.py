@@ -159,6 +159,9 @@ def test_bad_sampling_values_prompts_files_and_outs_are_one_line_errors(trained,
     for name, says in (("empty.txt", "no prompt in it (one per line)"), ("latin1.txt", "not UTF-8 text (invalid byte at offset 3)")):
         assert cli.main(["generate", "--model", str(trained), "--prompts-file", str(tmp_path / name)]) == 1
         assert capsys.readouterr().err.strip() == f"error: --prompts-file {tmp_path / name}: {says}"
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    assert cli.main(["generate", "--model", str(tmp_path / "model.gguf")]) == 1
+    assert "a GGUF file runs in llama.cpp or Ollama" in capsys.readouterr().err
     a_file = tmp_path / "a-file"
     a_file.write_text("kept")
     for command in (["export", "--format", "hf"], ["attention", "--prompt", "the dog"]):
