@@ -234,8 +234,8 @@ class CheckpointSamplesConfig(Section):
     table, so a reader sees the writing improve."""
 
     enabled: bool = True
-    prompts: list[str] | None = Field(None, description="None: evaluate.prompts (filled in when the configuration is "
-                                      "loaded, so train's cache key holds them)")
+    prompts: list[str] | None = Field(None, min_length=1, description="None: evaluate.prompts (filled in when the "
+                                      "configuration is loaded, so train's cache key holds them)")
     max_new_tokens: int = Field(48, ge=1)
     temperature: float = Field(0.5, ge=0, description="the sampled continuation's temperature (the other is greedy)")
 
@@ -300,7 +300,8 @@ class TrainConfig(Section):
 class EvaluateConfig(Section):
     batch_size: int = Field(16, ge=1)
     max_batches: int = Field(50, ge=1, description="per language in the validation split")
-    prompts: list[str] = Field(default_factory=lambda: ["Once upon a time", "The little dog"])
+    prompts: list[str] = Field(default_factory=lambda: ["Once upon a time", "The little dog"], min_length=1,
+                               description="continued greedily and sampled after training (at least one)")
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.8, ge=0)
     top_k: int | None = Field(50, ge=1)
@@ -373,6 +374,8 @@ class PipelineConfig(Section):
         evaluate = data.get("evaluate", {})
         prompts = evaluate.get("prompts") if isinstance(evaluate, dict) else getattr(evaluate, "prompts", None)
         prompts = EvaluateConfig.model_fields["prompts"].default_factory() if prompts is None else prompts
+        if not prompts:
+            return data  # evaluate.prompts is refused on its own; one error, named where the user wrote it
         return {**data, "train": {**train, "samples": {**samples, "prompts": prompts}}}
 
     @model_validator(mode="after")

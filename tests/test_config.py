@@ -92,3 +92,13 @@ def test_a_preset_file_that_is_not_yaml_or_not_utf8_is_one_line_naming_where(tmp
         with pytest.raises(ConfigError) as err:
             load_config(preset, overrides)
         assert says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_empty_prompt_lists_are_config_errors_named_where_they_were_written():
+    """Evaluation and checkpoint samples index their prompts: an empty list failed inside the train stage."""
+    with pytest.raises(ConfigError) as err:
+        load_config("quickstart", ["evaluate.prompts=[]"])
+    assert "evaluate.prompts: List should have at least 1 item" in str(err.value)
+    assert "train.samples.prompts" not in str(err.value)  # not copied over from evaluate, so not reported twice
+    with pytest.raises(ConfigError, match="train.samples.prompts: List should have at least 1 item"):
+        load_config("quickstart", ["train.samples.prompts=[]"])
