@@ -323,6 +323,14 @@ class ExportConfig(Section):
         "skip", description="a model with no exact equivalent in a format (a char-level vocabulary, say): record why "
         "and go on, or fail the stage")
 
+    @model_validator(mode="after")
+    def _modelfile_is_made(self) -> "ExportConfig":
+        made = [self.gguf_outtype, *self.quantize]
+        if self.modelfile is not None and self.modelfile not in made:
+            raise ValueError(f"modelfile {self.modelfile!r} names a GGUF this stage does not write (it writes "
+                             f"{', '.join(made)}): add it to export.quantize, or set modelfile to one of those or null")
+        return self
+
 
 class RegisterConfig(Section):
     tracking_uri: str | None = Field(None, description="None: SQLite store under <artifacts_dir>/mlflow")

@@ -102,3 +102,12 @@ def test_empty_prompt_lists_are_config_errors_named_where_they_were_written():
     assert "train.samples.prompts" not in str(err.value)  # not copied over from evaluate, so not reported twice
     with pytest.raises(ConfigError, match="train.samples.prompts: List should have at least 1 item"):
         load_config("quickstart", ["train.samples.prompts=[]"])
+
+
+def test_a_modelfile_for_a_gguf_the_export_does_not_write_is_a_config_error():
+    """It was accepted and the export stage then wrote no Modelfile, without a word."""
+    for overrides in (["export.modelfile=q5_0"], ["export.quantize=[]"]):
+        with pytest.raises(ConfigError, match="names a GGUF this stage does not write"):
+            load_config("quickstart", overrides)
+    assert load_config("quickstart", ["export.quantize=[q5_0]", "export.modelfile=q5_0"]).export.modelfile == "q5_0"
+    assert load_config("quickstart", ["export.quantize=[]", "export.modelfile=null"]).export.modelfile is None
