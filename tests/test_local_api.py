@@ -12,6 +12,8 @@ from pathlib import Path
 
 from flows import local_api
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def test_the_local_api_starts_once_is_reused_and_stops(tmp_path):
     url = local_api.ensure_local_api(tmp_path)
@@ -65,7 +67,7 @@ def test_the_run_that_starts_the_local_api_is_recorded_by_it(tmp_path):
     env.pop("PREFECT_API_URL", None)
     try:
         done = subprocess.run([sys.executable, "-c", FIRST_RUN, str(home)], env=env, capture_output=True, text=True,
-                              timeout=240, cwd=Path(__file__).resolve().parent.parent)
+                              timeout=240, cwd=REPO)
         assert done.returncode == 0, done.stderr[-2000:]
         assert json.loads(done.stdout.strip().splitlines()[-1]) == ["COMPLETED"]
         assert "Starting temporary server" not in done.stderr + done.stdout
@@ -94,7 +96,7 @@ def test_runs_starting_at_once_share_one_local_api(tmp_path):
     probe = "import sys, pathlib, flows.local_api as api; print(api.ensure_local_api(pathlib.Path(sys.argv[1])))"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     runs = [subprocess.Popen([sys.executable, "-c", probe, str(home)], env=env, stdout=subprocess.PIPE, text=True,
-                             cwd=Path(__file__).resolve().parent.parent) for _ in range(3)]
+                             cwd=REPO) for _ in range(3)]
     try:
         urls = {run.communicate(timeout=240)[0].strip() for run in runs}
         assert len(urls) == 1 and urls.pop().startswith("http://127.0.0.1:")
@@ -125,8 +127,7 @@ def test_the_command_line_starts_and_stops_the_api_of_the_home_it_is_given(tmp_p
     second argument, so `python -m flows.local_api DIR` started the repository's API instead)."""
     home = tmp_path / "home"
     command = [sys.executable, "-m", "flows.local_api"]
-    repo = Path(__file__).resolve().parent.parent
-    run = {"capture_output": True, "text": True, "cwd": tmp_path, "env": {**os.environ, "PYTHONPATH": str(repo)}}
+    run = {"capture_output": True, "text": True, "cwd": tmp_path, "env": {**os.environ, "PYTHONPATH": str(REPO)}}
     started = subprocess.run([*command, "--home", str(home)], timeout=240, **run)
     try:
         assert started.returncode == 0, started.stderr[-2000:]
@@ -135,4 +136,4 @@ def test_the_command_line_starts_and_stops_the_api_of_the_home_it_is_given(tmp_p
     finally:
         stopped = subprocess.run([*command, "stop", "--home", str(home)], timeout=60, **run)
     assert stopped.stdout.strip() == "stopped" and not (home / local_api.RECORD).exists()
-    assert local_api.HOME == repo / ".prefect"  # the default: what `python -m flows --server` uses, from any directory
+    assert local_api.HOME == REPO / ".prefect"  # the default: what `python -m flows --server` uses, from any directory
