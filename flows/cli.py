@@ -275,12 +275,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not models:
         print(f"no registered models in {args.tracking_uri}")
     for registered in models:
-        aliases = {v: k for k, v in (registered.aliases or {}).items()}
+        aliases: dict[str, list[str]] = {}  # a version may hold several aliases (champion, and any set in the UI)
+        for alias, version in sorted((registered.aliases or {}).items()):
+            aliases.setdefault(str(version), []).append(alias)
         print(f"{registered.name}")
         for version in sorted(client.search_model_versions(f"name='{registered.name}'"), key=lambda v: int(v.version)):
             metrics = client.get_run(version.run_id).data.metrics
             shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("val_bpb", "val_loss") if k in metrics)
-            alias = f" @{aliases[version.version]}" if version.version in aliases else ""
+            alias = "".join(f" @{name}" for name in aliases.get(str(version.version), []))
             print(f"  version {version.version}{alias}: {shown}  models:/{registered.name}/{version.version}")
     return 0
 

@@ -58,8 +58,9 @@ def test_first_run_completes_every_stage_then_second_run_is_cached(build_model, 
     assert cli(["generate", "--model", model_uri, "--tracking-uri", uri, "--prompt", "the dog", "--temperature", "0",
                 "--max-new-tokens", "5", "--stream"]) == 0
     assert capsys.readouterr().out.startswith("the dog")
+    mlflow.MlflowClient(uri).set_registered_model_alias(registered["model_name"], "production", "1")  # as in the UI
     assert cli(["models", "--tracking-uri", uri]) == 0
-    assert f"version 1 @champion: val_bpb {first['metrics']['val_bpb']:.4f}" in capsys.readouterr().out
+    assert f"version 1 @champion @production: val_bpb {first['metrics']['val_bpb']:.4f}" in capsys.readouterr().out
 
 
 def test_train_override_reruns_train_evaluate_register_only(build_model, tmp_path, small_corpus):
