@@ -204,7 +204,8 @@ def _repl_command(line: str, knobs: dict[str, Any]) -> str:
 
 def repl(model, tokenizer, knobs: dict[str, Any], stream: bool = True, read: Callable[[str], str] = input,
          write: Callable[[str], None] = lambda s: print(s, end="", flush=True)) -> int:
-    """A completion REPL: each line is a prompt, continued; `/temp 0.5` and friends change sampling; Ctrl-D ends."""
+    """A completion REPL: each line is a prompt, continued; `/temp 0.5` and friends change sampling; Ctrl-C stops a
+    completion, Ctrl-D (or Ctrl-C at the prompt) ends."""
     from model.generation import generate_text, stream_text
 
     try:
@@ -222,10 +223,13 @@ def repl(model, tokenizer, knobs: dict[str, Any], stream: bool = True, read: Cal
             write(_repl_command(line, knobs) + "\n")
         elif line.strip():
             write(line)
-            pieces = stream_text(model, tokenizer, line, **knobs) if stream else \
-                [generate_text(model, tokenizer, [line], **knobs)[0][len(line):]]
-            for piece in pieces:
-                write(piece)
+            try:
+                pieces = stream_text(model, tokenizer, line, **knobs) if stream else \
+                    [generate_text(model, tokenizer, [line], **knobs)[0][len(line):]]
+                for piece in pieces:
+                    write(piece)
+            except KeyboardInterrupt:  # Ctrl-C stops this completion, as in Ollama and llama-cli, not the REPL
+                write(" [stopped]")
             write("\n")
 
 
@@ -354,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, ConfigError, ExportError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
+    except KeyboardInterrupt:  # Ctrl-C during a long generation or export: no traceback, the shell's status
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -89,6 +89,44 @@ def test_the_repl_changes_sampling_without_restarting_and_leaves_on_ctrl_d(loade
     assert knobs["temperature"] == 0.0 and knobs["top_k"] == 5
 
 
+def test_ctrl_c_stops_one_completion_and_the_repl_goes_on(loaded):
+    from flows.cli import repl
+
+    model, tokenizer = loaded
+    lines = iter(["once upon a time", "/show"])
+
+    def read(_prompt: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    out: list[str] = []
+
+    def write(text: str) -> None:
+        if out and out[-1] == "once upon a time":  # the first piece of the completion: the user presses Ctrl-C
+            out.append("<ctrl-c>")
+            raise KeyboardInterrupt
+        out.append(text)
+
+    knobs = {"max_new_tokens": 12, "temperature": 0.0, "top_k": None, "top_p": None, "seed": 0}
+    assert repl(model, tokenizer, knobs, read=read, write=write) == 0
+    text = "".join(out)
+    assert "once upon a time<ctrl-c> [stopped]\n" in text
+    assert "temperature=0.0" in text  # the REPL read the next line after the interrupted completion
+
+
+def test_ctrl_c_in_a_command_exits_130_without_a_traceback(monkeypatch, capsys):
+    import flows.cli as cli
+
+    def interrupted(_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_models", interrupted)
+    assert cli.main(["models"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
 def test_the_console_script_generates_streams_and_reads_a_prompts_file(trained, loaded, tmp_path):
     model, tokenizer = loaded
     script = Path(sys.executable).parent / "scriptorium"
