@@ -194,7 +194,8 @@ def test_bad_sampling_values_prompts_files_and_outs_are_one_line_errors(trained,
         assert f"argument {argv[0]}: needs a number" in capsys.readouterr().err
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "latin1.txt").write_bytes("il était une fois\n".encode("latin-1"))
-    for name, says in (("empty.txt", "no prompt in it (one per line)"), ("latin1.txt", "not UTF-8 text (invalid byte at offset 3)")):
+    for name, says in (("empty.txt", "no prompt in it (one per line)"),
+                       ("latin1.txt", "not UTF-8 text (invalid byte at offset 3)")):
         assert cli.main(["generate", "--model", str(trained), "--prompts-file", str(tmp_path / name)]) == 1
         assert capsys.readouterr().err.strip() == f"error: --prompts-file {tmp_path / name}: {says}"
     (tmp_path / "model.gguf").write_bytes(b"GGUF")
