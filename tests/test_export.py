@@ -303,6 +303,25 @@ def test_char_tokenizer_is_not_exportable(trained, tmp_path):
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob("model.gguf*"))
 
 
+def test_a_killed_hf_export_leaves_the_previous_export_whole(trained, tokenizer_dir, tmp_path, monkeypatch):
+    """Re-exporting over a folder and being killed while the weights are written (Ctrl-C, out of disk) leaves the
+    earlier export byte for byte: never a new config.json beside old weights, nor a truncated model.safetensors."""
+    import safetensors.torch
+
+    out = tmp_path / "hf"
+    export_hf(trained("gpt-learned-bias"), tokenizer_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def killed(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export_hf(trained("llama-gqa-untied"), tokenizer_dir, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing new, nothing left behind
+
+
 def test_modelfile_is_plain_completion(tmp_path):
     """The Modelfile points at the GGUF beside it, passes the prompt through untouched, stops at </s>, and caps the
     context at the trained block size when given."""

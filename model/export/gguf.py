@@ -292,5 +292,7 @@ def write_modelfile(directory: Path | str, gguf_name: str, temperature: float = 
     if num_ctx is not None:
         lines.append(f"PARAMETER num_ctx {num_ctx}")
     path = Path(directory) / "Modelfile"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(partial, path)
     return path

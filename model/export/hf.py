@@ -18,7 +18,9 @@ The tokenizer is our SentencePiece model as a `tokenizer.json` that encodes and 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -239,14 +241,22 @@ def export_hf(model, tokenizer_dir: Path | str, out_dir: Path | str) -> Path:
     proto, specials = sentencepiece_proto(sp_file), special_ids(sp_file, cfg.vocab_size)  # refuse before writing
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = hf_config(cfg, specials)
-    config.architectures = [ARCHITECTURES[cfg.arch]]
-    config.save_pretrained(out_dir)
-    save_file(hf_tensors(model), str(out_dir / SAFETENSORS), metadata={"format": "pt"})
-    # Generation stops at </s>; attention models also at block_size, past which GPT-2 has no position row at all.
-    limit = {} if cfg.arch == "mamba2" else {"max_length": cfg.block_size}
-    transformers.GenerationConfig(
-        bos_token_id=specials["bos"][0], eos_token_id=specials["eos"][0], pad_token_id=specials["eos"][0], **limit
-    ).save_pretrained(out_dir)
-    _write_tokenizer(sp_file, proto, specials, cfg, out_dir)
+    # Every file is written into a hidden folder inside out_dir, then renamed into place: a killed export leaves
+    # out_dir as it was (a previous export stays whole, never new config beside old weights).
+    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export-"))
+    try:
+        config = hf_config(cfg, specials)
+        config.architectures = [ARCHITECTURES[cfg.arch]]
+        config.save_pretrained(staging)
+        save_file(hf_tensors(model), str(staging / SAFETENSORS), metadata={"format": "pt"})
+        # Generation stops at </s>; attention models also at block_size, past which GPT-2 has no position row at all.
+        limit = {} if cfg.arch == "mamba2" else {"max_length": cfg.block_size}
+        transformers.GenerationConfig(
+            bos_token_id=specials["bos"][0], eos_token_id=specials["eos"][0], pad_token_id=specials["eos"][0], **limit
+        ).save_pretrained(staging)
+        _write_tokenizer(sp_file, proto, specials, cfg, staging)
+        for written in sorted(staging.iterdir()):
+            os.replace(written, out_dir / written.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
