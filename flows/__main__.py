@@ -3,8 +3,8 @@
 The configuration is validated before Prefect starts, so a wrong key exits with status 2 having written nothing.
 The artifacts directory's lock is taken before Prefect starts too: a second run on the same directory waits for the
 first, or with `--no-wait` exits at once (status 1) naming the holder. A failure the user can fix (a project error:
-a 404, a bad checksum, a diverged run, a split too short) is printed as one line with exit status 1; a traceback
-means a bug.
+a 404, a bad checksum, a diverged run, a split too short) is printed as one line with exit status 1; Ctrl-C is
+one line and status 130 (the re-run resumes); a traceback means a bug.
 """
 from __future__ import annotations
 
@@ -64,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
     except PipelineError as exc:
         print(f"error: {redact(' '.join(str(exc).split()))}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Prefect has already marked the run Crashed; what the user needs is how to go on
+        print("interrupted: run the same command again; finished stages come from the cache and training resumes "
+              "from its last checkpoint", file=sys.stderr)
+        return 130
     _print_summary(summary)
     return 0
 

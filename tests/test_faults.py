@@ -597,6 +597,26 @@ def test_a_device_this_machine_lacks_stops_before_any_stage(tmp_path, capsys):
     assert not root.exists()
 
 
+def test_ctrl_c_during_a_run_is_one_line_status_130_and_frees_the_artifacts_directory(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while a stage runs (here raised where build-model is called): no traceback, the shell's status 130, a
+    line saying how to go on, and the artifacts directory's lock released for the next run. That the re-run then
+    resumes training from its checkpoint is tested in test_train.py."""
+    import flows.build_model
+    from flows.__main__ import main
+    from tasks.stage import hold_artifacts
+
+    def interrupted(**_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flows.build_model, "build_model", interrupted)
+    root = tmp_path / "artifacts"
+    assert main(["--set", f"artifacts_dir={root}"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: run the same command again") and err.count("\n") == 1
+    with hold_artifacts(root, wait=False):  # would raise, naming this process, had the lock stayed held
+        pass
+
+
 def test_a_404_fails_once_not_retried_and_prints_one_line_without_credentials(prefect_api, tmp_path):
     from prefect.settings import PREFECT_API_URL
 
