@@ -87,7 +87,13 @@ def test_a_preset_file_that_is_not_yaml_or_not_utf8_is_one_line_naming_where(tmp
     (tmp_path / "latin1.yaml").write_bytes("name: \xe9t\xe9\n".encode("latin-1"))
     cases = [(tmp_path / "bad.yaml", [], "not valid YAML: mapping values are not allowed here at line 3, column 7"),
              (tmp_path / "latin1.yaml", [], "not UTF-8 text (invalid byte at offset 6)"),
-             ("quickstart", ["train.max_steps=[1"], "value is not valid YAML: expected ',' or ']'")]
+             ("quickstart", ["train.max_steps=[1"], "value is not valid YAML: expected ',' or ']'"),
+             # PyYAML alone keeps the second `train:` and drops the first block's max_steps without a word
+             (tmp_path / "twice.yaml", [], "not valid YAML: duplicate key 'train' (first at line 2) at line 4, column 1"),
+             ("quickstart", ["acquire.sources=[{kind: local, path: a, path: b}]"], "duplicate key 'path'")]
+    (tmp_path / "twice.yaml").write_text("extends: quickstart\ntrain:\n  max_steps: 3\ntrain:\n  learning_rate: 0.01\n")
+    merged = load_config("quickstart", ["train={<<: {max_steps: 7, learning_rate: 0.01}, max_steps: 8}"]).train
+    assert (merged.max_steps, merged.learning_rate) == (8, 0.01)  # a YAML merge key still overrides: no duplicate
     for preset, overrides, says in cases:
         with pytest.raises(ConfigError) as err:
             load_config(preset, overrides)
