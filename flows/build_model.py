@@ -14,7 +14,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from pipeline_config import PipelineConfig, load_config
+from pipeline_config import ConfigError, PipelineConfig, load_config
 from tasks.acquire import acquire_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
@@ -27,10 +27,18 @@ from tasks.train import train_task
 from tasks.training import device_unavailable
 
 
+class InvalidConfiguration(PipelineError, ConfigError):
+    """A deployment's run given a bad preset or override: logged as one line like any project error (a
+    ConfigError still), where `python -m flows` would have refused it with status 2 before starting."""
+
+
 # A failed run persists its exception: as JSON, not with Prefect's default pickle
 @flow(name="build-model", log_prints=True, result_serializer=reference_serializer())
 def build_model(preset: str = "quickstart", overrides: list[str] | None = None) -> dict[str, Any]:
-    cfg = load_config(preset, overrides or [])
+    try:
+        cfg = load_config(preset, overrides or [])
+    except ConfigError as exc:
+        raise InvalidConfiguration(" ".join(str(exc).split())) from None
     why = device_unavailable(cfg.train.device)
     if why:  # before any stage runs, as for a configuration error: a deployment's run fails here, in one line
         raise PipelineError(why)

@@ -597,6 +597,23 @@ def test_a_device_this_machine_lacks_stops_before_any_stage(tmp_path, capsys):
     assert not root.exists()
 
 
+def test_a_deployment_run_with_a_bad_override_fails_in_one_logged_line(prefect_api, tmp_path):
+    """A deployment hands its overrides to the flow itself (no `python -m flows` refuses them first): the run fails
+    before any stage, and Prefect's log holds the problem as one line, not a traceback; still a ConfigError."""
+    from prefect.settings import PREFECT_API_URL
+
+    root = tmp_path / "artifacts"
+    script = ("from flows.build_model import build_model\nfrom pipeline_config import ConfigError\ntry:\n"
+              f"    build_model(overrides=['train.max_steps=abc', 'artifacts_dir={root}'])\n"
+              "except ConfigError as exc:\n    print('raised', type(exc).__name__)\n")
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.stdout.strip() == "raised InvalidConfiguration", done.stderr[-3000:]
+    assert "invalid configuration: --set: train.max_steps: Input should be a valid integer" in done.stderr
+    assert "Traceback" not in done.stderr and not root.exists()
+
+
 def test_ctrl_c_during_a_run_is_one_line_status_130_and_frees_the_artifacts_directory(tmp_path, capsys, monkeypatch):
     """Ctrl-C while a stage runs (here raised where build-model is called): no traceback, the shell's status 130, a
     line saying how to go on, and the artifacts directory's lock released for the next run. That the re-run then
