@@ -12,6 +12,7 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -67,17 +68,24 @@ def test_streaming_yields_the_same_continuation_piece_by_piece(loaded):
     assert "once upon a time" + "".join(pieces) == generate_text(model, tokenizer, ["once upon a time"], **GREEDY)[0]
 
 
+def typed(*lines: str) -> Callable[[str], str]:
+    """The REPL's `input`: the given lines, then Ctrl-D."""
+    remaining = iter(lines)
+
+    def read(_prompt: str) -> str:
+        try:
+            return next(remaining)
+        except StopIteration:
+            raise EOFError from None
+
+    return read
+
+
 def test_the_repl_changes_sampling_without_restarting_and_leaves_on_ctrl_d(loaded):
     from flows.cli import repl
 
     model, tokenizer = loaded
-    lines = iter(["/temp 0", "/top_k 5", "/top_k x", "once upon a time", "/show"])
-
-    def read(_prompt: str) -> str:
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
+    read = typed("/temp 0", "/top_k 5", "/top_k x", "once upon a time", "/show")
 
     out: list[str] = []
     knobs = {"max_new_tokens": 12, "temperature": 0.9, "top_k": 50, "top_p": None, "seed": 0}
@@ -93,13 +101,7 @@ def test_ctrl_c_stops_one_completion_and_the_repl_goes_on(loaded):
     from flows.cli import repl
 
     model, tokenizer = loaded
-    lines = iter(["once upon a time", "/show"])
-
-    def read(_prompt: str) -> str:
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
+    read = typed("once upon a time", "/show")
 
     out: list[str] = []
 
