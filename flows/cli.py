@@ -267,7 +267,12 @@ def cmd_attention(args: argparse.Namespace) -> int:
         paths = write_attention_maps(model, tokenizer, args.prompt, out)
     except AttentionMapError as err:
         raise CLIError(str(err)) from None
-    print(f"{len(paths)} attention maps ({model.config.n_layer} layers x {model.config.n_head} heads) in {args.out}")
+    tokens, block = 1 + len(tokenizer.encode([args.prompt])[0]), model.config.block_size  # <s> and the prompt
+    print(f"{len(paths)} attention maps ({model.config.n_layer} layers x {model.config.n_head} heads) over "
+          f"{min(tokens, block)} tokens in {args.out}")
+    if tokens > block:
+        print(f"the prompt is {tokens} tokens with <s>; the model's context is {block}, so only the first {block} "
+              "are drawn", file=sys.stderr)
     return 0
 
 

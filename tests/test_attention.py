@@ -78,7 +78,12 @@ def test_cli_writes_one_map_per_layer_and_head(tmp_path, tokenizer_dir, capsys):
     pngs = sorted(p.name for p in (tmp_path / "maps").iterdir())
     assert pngs == [f"layer{layer:02d}_head{h:02d}.png" for layer in range(2) for h in range(4)]
     assert all((tmp_path / "maps" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
-    assert "8 attention maps" in capsys.readouterr().out
+    assert "8 attention maps (2 layers x 4 heads) over " in capsys.readouterr().out
+    # a prompt past the context is drawn over its first block_size tokens, and the command says so
+    assert main(["attention", "--model", str(folder), "--tokenizer", str(tokenizer_dir),
+                 "--prompt", "the dog ran " * 40, "--out", str(tmp_path / "long")]) == 0
+    said = capsys.readouterr()
+    assert "over 64 tokens" in said.out and "the model's context is 64, so only the first 64 are drawn" in said.err
 
 
 def test_mamba2_is_a_clear_error(tmp_path, tokenizer_dir, capsys):
