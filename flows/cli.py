@@ -35,6 +35,18 @@ def _default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('artifacts/mlflow/mlflow.db').resolve()}"
 
 
+def _missing_store(tracking_uri: str) -> str | None:
+    """Why there is no MLflow store to read at `tracking_uri`, or None. Asked before MLflow is: it would create an
+    empty SQLite store (folders included) where the file is not, and retry a server that does not answer for four
+    minutes."""
+    from tasks.lineage.registry import unreachable_server
+
+    database = tracking_uri.removeprefix("sqlite:///")
+    if database != tracking_uri and not Path(database).is_file():
+        return f"no MLflow store at {database} (`make run` registers the first model there; or pass --tracking-uri)"
+    return unreachable_server(tracking_uri)
+
+
 def _registry_files(uri: str, tracking_uri: str) -> tuple[Path, Path, Path]:
     """Download a registered version and return (weights, model config, tokenizer dir), as its MLmodel file names
     the pyfunc's artifacts."""
@@ -42,6 +54,9 @@ def _registry_files(uri: str, tracking_uri: str) -> tuple[Path, Path, Path]:
     import yaml
     from mlflow.exceptions import MlflowException
 
+    missing = _missing_store(tracking_uri)
+    if missing:
+        raise CLIError(f"{uri}: {missing}")
     mlflow.set_tracking_uri(tracking_uri)
     try:
         root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
@@ -277,10 +292,17 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(args.tracking_uri)
-    models = client.search_registered_models()
+    missing = _missing_store(args.tracking_uri)
+    if missing:
+        raise CLIError(missing)
+    try:
+        client = MlflowClient(args.tracking_uri)
+        models = client.search_registered_models()
+    except MlflowException as err:  # e.g. a URI scheme MLflow has no registry for
+        raise CLIError(f"{args.tracking_uri}: {err.message.strip().splitlines()[0]}") from None
     if not models:
         print(f"no registered models in {args.tracking_uri}")
     for registered in models:

@@ -28,6 +28,7 @@ from typing import Any
 from pipeline_config.schema import RegisterConfig
 from tasks.evaluate import ATTENTION_MAP, SAMPLES
 from tasks.lineage.gate import GATE_TAG, champion_figure, record_gate, record_lineage
+from tasks.lineage.registry import unreachable_server
 from tasks.stage import REPO_ROOT, Artifact, PipelineError, Stage, json_digest, key_upstream, prefect_task, \
     read_jsonl, write_json
 from tasks.tokenizer import COMPARISON_CHART
@@ -194,6 +195,9 @@ def register(cfg: RegisterConfig, out_dir: Path, log: logging.Logger, *, acquire
         raise ValueError(f"register.champion_metric '{cfg.champion_metric}' is not among evaluate's metrics (the "
                          f"validation split has the languages {languages}): choose one of those or the total")
     uri, artifact_location = store_location(cfg, out_dir.parents[1])
+    down = unreachable_server(uri)
+    if down:
+        raise RegisterError(f"register.tracking_uri: {down}")
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     experiment_id = _experiment(client, cfg, artifact_location)

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline_config.schema import RegistryRef
-from tasks.stage import PipelineError, file_sha256
+from tasks.stage import PipelineError, file_sha256, redact
 
 WEIGHTS_TAG = "scriptorium.weights_sha256"  # on the version: sha256 of model.safetensors
 TOKENIZER_TAG = "scriptorium.tokenizer_sha256"  # on the version: sha256 of tokenizer.model / vocab.json
@@ -88,6 +89,26 @@ def _store_exists(uri: str) -> bool:
     return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
 
 
+def unreachable_server(uri: str, timeout: float = 10.0) -> str | None:
+    """For an http(s) tracking URI, why no server answers it, or None when one does (any HTTP status: a proxy's 401
+    is an answer). One try of `timeout` seconds, because MLflow's client retries a refused connection with backoff
+    for about four minutes before it says anything. A TLS error counts as an answer: MLflow has its own TLS settings
+    (MLFLOW_TRACKING_INSECURE_TLS, MLFLOW_TRACKING_SERVER_CERT_PATH)."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except requests.exceptions.SSLError:
+        return None
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        errno = re.search(r"\[Errno -?\d+\] [^'\")]+", str(exc))
+        why = errno.group(0) if errno else "timed out" if isinstance(exc, requests.Timeout) else type(exc).__name__
+        return redact(f"no MLflow tracking server answers at {uri} ({why}): start it, or fix the tracking URI")
+    return None
+
+
 def _model_version(ref: RegistryRef, spec: str) -> Any:
     """The MLflow ModelVersion `spec` names; None for `champion` while nobody holds the alias."""
     from mlflow.exceptions import MlflowException
@@ -99,6 +120,9 @@ def _model_version(ref: RegistryRef, spec: str) -> Any:
         if spec == "champion":
             return None
         raise LineageError(f"{missing} (it holds no model yet): register one first, or set train.init_from: scratch")
+    down = unreachable_server(ref.tracking_uri)
+    if down:
+        raise LineageError(f"{spec}: {down}")
     client = MlflowClient(ref.tracking_uri)
     try:
         return client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
