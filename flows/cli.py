@@ -39,11 +39,11 @@ def _missing_store(tracking_uri: str) -> str | None:
     """Why there is no MLflow store to read at `tracking_uri`, or None. Asked before MLflow is: it would create an
     empty SQLite store (folders included) where the file is not, and retry a server that does not answer for four
     minutes."""
-    from tasks.lineage.registry import unreachable_server
+    from tasks.lineage.registry import store_exists, unreachable_server
 
-    database = tracking_uri.removeprefix("sqlite:///")
-    if database != tracking_uri and not Path(database).is_file():
-        return f"no MLflow store at {database} (`make run` registers the first model there; or pass --tracking-uri)"
+    if not store_exists(tracking_uri):
+        return (f"no MLflow store at {tracking_uri.removeprefix('sqlite:///')} (`make run` registers the first model "
+                "there; or pass --tracking-uri)")
     return unreachable_server(tracking_uri)
 
 

@@ -84,7 +84,7 @@ def _parse(ref: RegistryRef, spec: str) -> tuple[str, str | None, str | None]:
     return name, version, None
 
 
-def _store_exists(uri: str) -> bool:
+def store_exists(uri: str) -> bool:
     """False for a local SQLite store that was never written (MLflow would create it on the first query)."""
     return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
 
@@ -116,7 +116,7 @@ def _model_version(ref: RegistryRef, spec: str) -> Any:
 
     name, version, alias = _parse(ref, spec)
     missing = f"{spec} is not in the MLflow store {ref.tracking_uri}"
-    if not _store_exists(ref.tracking_uri):
+    if not store_exists(ref.tracking_uri):
         if spec == "champion":
             return None
         raise LineageError(f"{missing} (it holds no model yet): register one first, or set train.init_from: scratch")
