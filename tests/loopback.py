@@ -1,8 +1,16 @@
 """What the protocol doubles share: an HTTP server on 127.0.0.1 for the length of a `with` block, and byte ranges."""
 from __future__ import annotations
 
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nobody listens on: connecting to it is refused at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 class LoopbackServer:

@@ -214,18 +214,15 @@ def test_bad_sampling_values_prompts_files_and_outs_are_one_line_errors(trained,
 def test_a_store_that_is_not_there_is_one_line_and_nothing_is_created(tmp_path, capsys):
     """Reading commands never create a store: MLflow would make an empty SQLite file (and its folders) for a path
     that does not exist, and retry a server that does not answer for minutes before a traceback."""
-    import socket
-
     from flows import cli
+    from tests.loopback import closed_port
 
     missing = tmp_path / "nowhere" / "mlflow.db"
     assert cli.main(["models", "--tracking-uri", f"sqlite:///{missing}"]) == 1
     assert capsys.readouterr().err == f"error: no MLflow store at {missing} (`make run` registers the first model " \
                                       "there; or pass --tracking-uri)\n"
     assert not (tmp_path / "nowhere").exists()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        down = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    down = f"http://127.0.0.1:{closed_port()}"
     for argv in (["models"], ["generate", "--model", "models:/m@champion"]):
         assert cli.main([*argv, "--tracking-uri", down]) == 1
         err = capsys.readouterr().err

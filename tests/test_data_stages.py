@@ -6,7 +6,6 @@ import hashlib
 import http.server
 import json
 import logging
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from tasks.corpus.reader import Corpus, split_tokens
 from tasks.corpus.sampling import content_hashes
 from tasks.shard import frame_documents, held_out, shard_corpus
 from tasks.tokenizer import build_tokenizer
-from tests.loopback import LoopbackServer, send_range
+from tests.loopback import LoopbackServer, closed_port, send_range
 
 LOG = logging.getLogger("test")
 
@@ -127,9 +126,7 @@ def test_hub_dataset_split_is_listed_downloaded_and_checked(tmp_path, monkeypatc
 
 
 def test_unreachable_hub_names_the_endpoint(tmp_path):
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    endpoint = f"http://127.0.0.1:{closed_port()}"
     source = SourceConfig(kind="hf", dataset="org/tiny", endpoint=endpoint)
     with pytest.raises(AcquireError, match=f"cannot reach the hub at {endpoint}.*endpoint"):
         acquire(AcquireConfig(sources=[source]), tmp_path, LOG)

@@ -238,14 +238,6 @@ def test_a_parent_trained_from_this_very_input_is_the_output_not_trained_again(p
     assert other.reuse is None and other.init is not None
 
 
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_a_tracking_server_that_does_not_answer_fails_in_one_line_at_once(parent, tmp_path):
     """An http(s) tracking URI is tried once before MLflow is asked (its client retries a refused connection for
     about four minutes, then raises a traceback): register and `init_from` stop at once, naming the URI without its
@@ -256,7 +248,7 @@ def test_a_tracking_server_that_does_not_answer_fails_in_one_line_at_once(parent
     from pipeline_config.schema import RegisterConfig, RegistryRef
     from tasks.lineage.registry import LineageError, resolve, unreachable_server
     from tasks.register import RegisterError, register
-    from tests.loopback import LoopbackServer
+    from tests.loopback import LoopbackServer, closed_port
 
     class Answers(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's name)
@@ -269,7 +261,7 @@ def test_a_tracking_server_that_does_not_answer_fails_in_one_line_at_once(parent
 
     with LoopbackServer(Answers) as server:
         assert unreachable_server(server.url) is None
-    down = f"http://user:s3cret@127.0.0.1:{_closed_port()}"
+    down = f"http://user:s3cret@127.0.0.1:{closed_port()}"
     said = unreachable_server(down)
     assert said.startswith("no MLflow tracking server answers at http://***@127.0.0.1:") and "refused" in said
     assert unreachable_server(f"sqlite:///{tmp_path / 'mlflow.db'}") is None  # not a server: not asked

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from tasks.synthesis.sampling import sample_token, sample_tokens, top_superset
 from tasks.synthesis.quality import detect_language, words
 from tasks.synthesis.recipes import load_recipe, story_prompt
 from tasks.synthesize import REJECTED, STORIES, SynthesizeError, synthesize
+from tests.loopback import closed_port
 from tests.ollama_double import OllamaDouble
 
 # Gates that pass anything non-empty: these tests are about the plumbing, test_story_quality.py about the gates.
@@ -41,12 +41,6 @@ def ollama_cfg(host: str, **overrides) -> SynthesizeConfig:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- embedded llama.cpp -------------------------------------------------------------------------------------------
