@@ -1,6 +1,7 @@
 """What the protocol doubles share: an HTTP server on 127.0.0.1 for the length of a `with` block, and byte ranges."""
 from __future__ import annotations
 
+import hashlib
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,12 +34,16 @@ class LoopbackServer:
 
 
 def send_range(handler: BaseHTTPRequestHandler, body: bytes, cut_after: int | None = None) -> None:
-    """Answer a GET for `body` as a file server does: `Range: bytes=N-` gets 206 and the rest from N.
+    """Answer a GET for `body` as a file server (nginx, S3) does: `Range: bytes=N-` gets 206 and the rest from N,
+    unless an `If-Range` names another version than this body's strong ETag: then 200 and the whole body.
 
     `cut_after`: send only that many bytes of a full (non-range) answer, then hang up mid-transfer.
     """
-    start = int(handler.headers["Range"].split("=")[1].split("-")[0]) if "Range" in handler.headers else 0
+    etag = f'"{hashlib.sha256(body).hexdigest()[:16]}"'
+    current = handler.headers.get("If-Range", etag) == etag
+    start = int(handler.headers["Range"].split("=")[1].split("-")[0]) if "Range" in handler.headers and current else 0
     handler.send_response(206 if start else 200)
+    handler.send_header("ETag", etag)
     if start:
         handler.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
     handler.send_header("Content-Length", str(len(body) - start))

@@ -81,6 +81,49 @@ def test_download_resumes_with_a_range_request_and_checks_the_checksum(tmp_path)
             download(url, tmp_path / "other.jsonl", "0" * 64, LOG, timeout=5)
 
 
+def test_a_file_changed_on_the_server_is_not_glued_onto_its_old_beginning(tmp_path):
+    """A loopback server that sends ETags and honours If-Range as nginx and S3 do (no internet here): the first
+    transfer is cut, the file is replaced on the server, and the re-run (no sha256 configured) must come back with
+    the new file whole, not the old file's first bytes followed by the new file's rest."""
+    old = b"".join(f"old story {i:05d}\n".encode() for i in range(2000))
+    new = b"".join(f"new story {i:05d}\n".encode() for i in range(2000))
+    _RangeHandler.payload, _RangeHandler.fail_after, _RangeHandler.ranges = old, 10_000, []
+    dest = tmp_path / "data.txt"
+    with LoopbackServer(_RangeHandler) as server:
+        with pytest.raises(AcquireError, match="resumes"):
+            download(f"{server.url}/data.txt", dest, None, LOG, timeout=5)
+        _RangeHandler.payload, _RangeHandler.fail_after = new, None
+        download(f"{server.url}/data.txt", dest, None, LOG, timeout=5)
+    assert _RangeHandler.ranges[-1] == "bytes=10000-"  # it did ask to resume
+    assert dest.read_bytes() == new
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt"]  # no part or validator file left behind
+
+
+class _WrongRangeHandler(http.server.BaseHTTPRequestHandler):
+    """Answers every range request with 206 but from byte 0, as a misbehaving proxy can."""
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        body = b"x" * 100
+        self.send_response(206 if "Range" in self.headers else 200)
+        self.send_header("Content-Range", f"bytes 0-99/{len(body)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_range_answered_from_another_offset_is_not_appended(tmp_path):
+    """A loopback server whose 206 starts at byte 0 when byte 40 was asked for: the part file is not extended with
+    bytes that do not belong there; it is removed, and the error says a re-run starts over."""
+    (tmp_path / "data.txt.part").write_bytes(b"x" * 40)
+    with LoopbackServer(_WrongRangeHandler) as server:
+        with pytest.raises(AcquireError, match="bytes 0-99/100.*starts over"):
+            download(f"{server.url}/data.txt", tmp_path / "data.txt", None, LOG, timeout=5)
+    assert list(tmp_path.iterdir()) == []
+
+
 def _parquet_bytes(texts: list[str]) -> bytes:
     import io
 

@@ -1,7 +1,10 @@
 """Downloads that resume and verify: plain HTTP(S) files and Hugging Face hub dataset files.
 
 Bytes go to `<file>.part`; a re-run asks for the rest with an HTTP Range request, and the finished file is checked
-against its SHA-256 (given in the config, or the hub's LFS checksum) before it is renamed into place.
+against its SHA-256 (given in the config, or the hub's LFS checksum) before it is renamed into place. The file's
+validator (its strong ETag, else its Last-Modified date) is kept beside the part file (`<file>.part.validator`) and sent
+back as `If-Range` (RFC 9110 13.1.5): a file changed on the server since the first bytes came is sent whole and written
+from the start, never glued onto the old file's beginning, checksum or not.
 
 The hub is spoken to over its HTTP API directly (what huggingface_hub calls too): the recursive tree listing
 (`/api/datasets/{id}/tree/{revision}`, paginated by `Link: <...>; rel="next"`) names the files and gives each LFS
@@ -93,7 +96,7 @@ def download(
     dest.parent.mkdir(parents=True, exist_ok=True)
     offset = part.stat().st_size if part.exists() else 0
     address, basic = _split_credentials(url)
-    request = urllib.request.Request(address, headers={"Range": f"bytes={offset}-"} if offset else {})
+    request = urllib.request.Request(address, headers=_resume_headers(part, offset))
     if token or basic:
         request.add_unredirected_header("Authorization", f"Bearer {token}" if token else f"Basic {basic}")
     try:
@@ -110,11 +113,53 @@ def download(
     if sha256 is not None:
         actual = file_sha256(part)
         if actual != sha256:
-            part.unlink()
+            _discard(part)
             raise AcquireError(f"checksum mismatch for {url}: expected {sha256}, got {actual}; the partial file was "
                                "removed")
     os.replace(part, dest)
+    _validator_file(part).unlink(missing_ok=True)
     return dest
+
+
+def _validator_file(part: Path) -> Path:
+    return part.with_name(part.name + ".validator")
+
+
+def _discard(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    _validator_file(part).unlink(missing_ok=True)
+
+
+def _resume_headers(part: Path, offset: int) -> dict[str, str]:
+    """`Range` for the bytes a part file lacks, with `If-Range` when the server gave a validator for them."""
+    if not offset:
+        return {}
+    headers = {"Range": f"bytes={offset}-"}
+    validator = _validator_file(part)
+    if validator.is_file():
+        headers["If-Range"] = validator.read_text().strip()
+    return headers
+
+
+def _record_validator(response: Any, part: Path) -> None:
+    """Keep what identifies this version of the file for a later `If-Range`: a strong ETag (a weak one may not be
+    used there), else the Last-Modified date; neither, and a resume can only trust that the file did not change."""
+    etag = response.headers.get("ETag") or ""
+    value = etag if etag.startswith('"') else response.headers.get("Last-Modified") or ""
+    validator = _validator_file(part)
+    if value and "\n" not in value:
+        temporary = validator.with_name(validator.name + ".tmp")
+        temporary.write_text(value)
+        os.replace(temporary, validator)
+    else:
+        validator.unlink(missing_ok=True)
+
+
+def _range_start(response: Any) -> int | None:
+    """The first byte a 206 answer holds, from its `Content-Range: bytes A-B/N`; None if it does not say."""
+    unit, _, spec = (response.headers.get("Content-Range") or "").partition(" ")
+    first = spec.partition("-")[0]
+    return int(first) if unit.strip() == "bytes" and first.isdigit() else None
 
 
 def _split_credentials(url: str) -> tuple[str, str | None]:
@@ -131,8 +176,15 @@ def _split_credentials(url: str) -> tuple[str, str | None]:
 def _receive(response: Any, part: Path, offset: int, url: str, sha256: str | None, log: logging.Logger) -> None:
     """Write the body to `part` (appending to a resumed one) and check it arrived whole."""
     resumed = offset and response.status == 206
+    if resumed and _range_start(response) not in (offset, None):
+        _discard(part)
+        raise AcquireError(f"{url} answered a request for bytes from {offset} with {response.headers['Content-Range']}"
+                           "; the partial file was removed and a re-run starts over", transient=True)
     if offset and not resumed:
-        log.info("server ignored the range request; downloading %s from the start", redact(url))
+        log.info("server sent the whole file (it changed, or it ignores ranges); downloading %s from the start",
+                 redact(url))
+    if not resumed:
+        _record_validator(response, part)
     expected = response.headers.get("Content-Length")
     if expected is None and not response.chunked and sha256 is None:
         # A close-delimited body: a server that hangs up mid-transfer looks exactly like a finished one.
