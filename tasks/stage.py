@@ -59,6 +59,10 @@ class ArtifactsBusy(PipelineError):
     """Another run holds the artifacts directory's lock."""
 
 
+class ArtifactsUnusable(PipelineError):
+    """The artifacts directory cannot be created or written (a file in the way, a read-only or missing mount)."""
+
+
 def retryable(exc: BaseException | None) -> bool:
     """Whether a retry can change the outcome: a project error marked transient, or a dropped connection or
     timeout from a library. Deterministic project errors and bugs are not retried."""
@@ -476,7 +480,11 @@ def lock_holder(root: Path) -> str:
 def _lock(root: Path, wait: bool, log: logging.Logger) -> int:
     import fcntl
 
-    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ArtifactsUnusable(f"artifacts_dir {root} cannot be written ({exc.strerror}): set artifacts_dir to a "
+                                "folder this user can write") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -502,7 +510,12 @@ def hold_artifacts(root: Path, wait: bool = True, log: logging.Logger | None = N
     holder). Re-entrant within a process, so the command line, the flow and each stage can all hold it. The OS
     drops the lock when its holder dies, SIGKILL included, so a killed run never leaves a stale lock."""
     root = Path(root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = "a file is in the way" if root.is_file() else f"{exc.strerror}: {exc.filename}"
+        raise ArtifactsUnusable(f"artifacts_dir {root} cannot be created ({why}): set artifacts_dir to a folder "
+                                "this user can write") from None
     with _held_guard:
         if root in _held:
             _held[root][1] += 1

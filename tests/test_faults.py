@@ -311,6 +311,20 @@ def test_no_wait_fails_at_once_naming_the_holder_and_a_sigkilled_holder_frees_th
     assert after.communicate(timeout=60)[0].startswith("held") and after.returncode == 0
 
 
+def test_an_artifacts_dir_that_cannot_be_made_is_one_line_before_any_stage(tmp_path, capsys):
+    """A file where the artifacts folder should be, or below it: one line naming the folder, status 1, and the
+    file untouched (it used to be a FileExistsError traceback)."""
+    from flows.__main__ import main
+
+    blocker = tmp_path / "artifacts"
+    blocker.write_text("not a folder")
+    for where, why in ((blocker, "a file is in the way"), (blocker / "sub", "Not a directory")):
+        assert main(["--set", f"artifacts_dir={where}"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"artifacts_dir {where} cannot be created ({why}" in err
+    assert blocker.read_text() == "not a folder"
+
+
 # ---------------------------------------------------------------------------------------------------- training
 def _train(cfg, out: Path):
     from tasks.training.loop import train
