@@ -181,6 +181,8 @@ def _describe(exc: ValidationError, origins: dict[str, Path], path: Path) -> str
             message = f"unknown key '{loc[-1]}'" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
         elif error["type"] == "literal_error":
             message = f"{message}; got {error.get('input')!r}"
+        elif error["type"] == "value_error":  # our own validators' words, without pydantic's "Value error, "
+            message = str(error.get("ctx", {}).get("error", message))
         lines.append(f"{source}: {dotted}: {message}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 

@@ -6,13 +6,16 @@ misspelt key is an error that names the key rather than a silently ignored setti
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from model.config import ModelSection
 from pipeline_config.synthesize import SynthesizeConfig
@@ -98,6 +101,34 @@ class AcquireConfig(Section):
     min_chars: int = Field(1, ge=1, description="drop documents shorter than this after normalisation")
     batch_bytes: int = Field(4_000_000, ge=1, description="documents are written in row groups of about this many "
                              "bytes; a row group is one unit of the shard stage's mapped work")
+
+
+@functools.cache
+def _grid_countries() -> frozenset[str]:
+    """The countries codecarbon has an energy mix for, read from its data file without importing it (2-3 s);
+    empty where codecarbon or the file is missing, and then any code is accepted."""
+    spec = importlib.util.find_spec("codecarbon")
+    if spec is None or not spec.origin:
+        return frozenset()
+    try:
+        mix = Path(spec.origin).parent / "data" / "private_infra" / "global_energy_mix.json"
+        return frozenset(json.loads(mix.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return frozenset()
+
+
+def _country_code(value: str) -> str:
+    """An ISO 3166-1 alpha-3 code, upper-cased; one codecarbon does not know would be costed at the world average
+    after only a log line, so it is refused here."""
+    code = value.strip().upper()
+    known = _grid_countries()
+    if (known and code not in known) or not re.fullmatch("[A-Z]{3}", code):
+        raise ValueError(f"'{value}' is not a country codecarbon has a grid for: an ISO 3166-1 alpha-3 code such "
+                         "as FRA, DEU, USA")
+    return code
+
+
+CountryCode = Annotated[str, AfterValidator(_country_code)]
 
 
 # `init_from` / `tokenizer.from_model`: a registered model of the pipeline's MLflow store (see tasks/lineage/).
@@ -277,7 +308,7 @@ class TrainConfig(Section):
     keep_heap: bool = Field(True, description="keep freed memory in the process between steps (glibc's malloc "
                             "thresholds, tasks/training/allocator.py): fewer page faults, a shorter CPU step")
     track_emissions: bool = True
-    country_iso_code: str = Field("FRA", min_length=3, max_length=3)
+    country_iso_code: CountryCode = Field("FRA", description="the grid the energy is costed on")
     log_interval: int = Field(20, ge=1)
     samples: CheckpointSamplesConfig = Field(default_factory=CheckpointSamplesConfig)
     init_from: str = Field(
@@ -351,7 +382,7 @@ class ReportConfig(Section):
     track_energy: bool = Field(True, description="codecarbon around synthesize, tokenizer, shard, evaluate and "
                                "export (train measures its loop itself: train.track_emissions); starting it costs "
                                "2-4 s a stage")
-    country_iso_code: str = Field("FRA", min_length=3, max_length=3, description="the grid the energy is costed on")
+    country_iso_code: CountryCode = Field("FRA", description="the grid the energy is costed on")
 
 
 # `register` is the stage's name; pydantic warns that it shadows ABCMeta.register, which no config code uses.

@@ -33,6 +33,17 @@ def test_an_infinite_or_nan_knob_is_a_config_error(override):
         load_config("quickstart", [override])
 
 
+def test_a_country_codecarbon_has_no_grid_for_is_a_config_error_and_case_does_not_matter():
+    """codecarbon costs an unknown code (or `fra` in lower case) at the world average after one log line, which
+    made a French run's CO2 about eight times too high; the code is upper-cased and checked against its data."""
+    with pytest.raises(ConfigError) as err:
+        load_config("quickstart", ["train.country_iso_code=XXX"])
+    assert "train.country_iso_code: 'XXX' is not a country codecarbon has a grid for" in str(err.value)
+    assert "Value error" not in str(err.value)
+    cfg = load_config("quickstart", ["train.country_iso_code=deu", "report.country_iso_code=esp"])
+    assert (cfg.train.country_iso_code, cfg.report.country_iso_code) == ("DEU", "ESP")
+
+
 def test_cli_exits_2_and_writes_nothing_on_a_bad_key(tmp_path, capsys):
     from flows.__main__ import main
 
