@@ -44,13 +44,26 @@ def _check_addresses(source: "SourceConfig") -> None:
         raise ValueError(f"revision {source.revision!r} is not a branch, tag or commit")
 
 
+def _sha256_hex(value: str) -> str:
+    """A SHA-256 as `hashlib` writes it: lower case, no `sha256:` prefix; anything else could never match the
+    download, which would be fetched whole and then thrown away."""
+    digest = value.strip().lower().removeprefix("sha256:")
+    if not re.fullmatch("[0-9a-f]{64}", digest):
+        raise ValueError(f"'{value}' is not a SHA-256 (64 hexadecimal digits, as `sha256sum` prints)")
+    return digest
+
+
+Sha256 = Annotated[str, AfterValidator(_sha256_hex)]
+
+
 class SourceConfig(Section):
     """One place documents come from."""
 
     kind: Literal["local", "http", "hf"] = "local"
     path: str | None = Field(None, description="local file, directory or glob (kind=local)")
     url: str | None = Field(None, description="HTTP(S) address of a .jsonl/.txt file, optionally .gz (kind=http)")
-    sha256: str | None = Field(None, description="expected checksum of the downloaded file (kind=http)")
+    sha256: Sha256 | None = Field(None, description="expected checksum of the downloaded file (kind=http): 64 hex "
+                                  "digits, either case, optionally after 'sha256:'")
     dataset: str | None = Field(None, description="Hugging Face hub dataset id, e.g. roneneldan/TinyStories (kind=hf; "
                                 "needs the internet)")
     split: str = Field("train", description="kind=hf: take the .parquet/.jsonl files with this in their name")

@@ -44,6 +44,16 @@ def test_a_country_codecarbon_has_no_grid_for_is_a_config_error_and_case_does_no
     assert (cfg.train.country_iso_code, cfg.report.country_iso_code) == ("DEU", "ESP")
 
 
+def test_a_checksum_that_could_never_match_is_a_config_error_and_case_does_not_matter():
+    """A truncated or mistyped sha256 used to be found out only after the whole file had downloaded, and the file
+    was then deleted; PowerShell's Get-FileHash prints upper case, and some tools write a `sha256:` prefix."""
+    source = '[{kind: http, url: "http://127.0.0.1:1/a.txt", sha256: "%s"}]'
+    with pytest.raises(ConfigError, match=r"sources.0.sha256: 'abc123' is not a SHA-256"):
+        load_config("quickstart", ["acquire.sources=" + source % "abc123"])
+    cfg = load_config("quickstart", ["acquire.sources=" + source % ("sha256:" + "AB" * 32)])
+    assert cfg.acquire.sources[0].sha256 == "ab" * 32
+
+
 def test_cli_exits_2_and_writes_nothing_on_a_bad_key(tmp_path, capsys):
     from flows.__main__ import main
 
