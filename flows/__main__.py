@@ -15,7 +15,7 @@ import sys
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
 from pipeline_config import ConfigError, load_config  # noqa: E402
-from tasks.training import device_unavailable  # noqa: E402
+from flows.preflight import unrunnable  # noqa: E402
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    why = device_unavailable(cfg.train.device)
+    why = unrunnable(cfg)
     if why:
         print(f"error: {why}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.preflight import unrunnable
 from pipeline_config import ConfigError, PipelineConfig, load_config
 from tasks.acquire import acquire_task
 from tasks.evaluate import evaluate_task
@@ -24,7 +25,6 @@ from tasks.stage import PipelineError, StageRunner, hold_artifacts, reference_se
 from tasks.synthesize import synthesize_task
 from tasks.tokenizer import tokenizer_task
 from tasks.train import train_task
-from tasks.training import device_unavailable
 
 
 class InvalidConfiguration(PipelineError, ConfigError):
@@ -39,7 +39,7 @@ def build_model(preset: str = "quickstart", overrides: list[str] | None = None) 
         cfg = load_config(preset, overrides or [])
     except ConfigError as exc:
         raise InvalidConfiguration(" ".join(str(exc).split())) from None
-    why = device_unavailable(cfg.train.device)
+    why = unrunnable(cfg)
     if why:  # before any stage runs, as for a configuration error: a deployment's run fails here, in one line
         raise PipelineError(why)
     with hold_artifacts(cfg.artifacts_dir):  # one run at a time per artifacts directory; a second one waits

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -608,6 +609,25 @@ def test_a_device_this_machine_lacks_stops_before_any_stage(tmp_path, capsys):
     assert f"error: train.device is '{missing[0]}'" in capsys.readouterr().err
     with pytest.raises(PipelineError, match=f"train.device is '{missing[0]}'"):
         build_model.fn("quickstart", overrides)
+    assert not root.exists()
+
+
+def test_a_story_recipe_or_language_that_is_not_there_stops_before_any_stage(tmp_path, capsys):
+    """A misspelt recipe, or a language the recipe has no block for, was found by the synthesize stage after
+    acquire had run (exit 1); now `python -m flows` exits 2 before Prefect starts, and the flow fails in one line
+    before any stage, with nothing written."""
+    from flows.__main__ import main
+    from flows.build_model import build_model
+    from tasks.stage import PipelineError
+
+    root = tmp_path / "artifacts"
+    for wrong, said in (("synthesize.recipe=tinystorys", "recipe 'tinystorys' not found"),
+                        ("synthesize.languages=[en, de]", "has no language ['de']; it has ['en', 'es', 'fr']")):
+        overrides = [f"artifacts_dir={root}", "synthesize.n=4", wrong]
+        assert main([x for o in overrides for x in ("--set", o)]) == 2
+        assert said in capsys.readouterr().err
+        with pytest.raises(PipelineError, match=re.escape(said)):
+            build_model.fn("quickstart", overrides)
     assert not root.exists()
 
 
