@@ -97,6 +97,10 @@ def resolve_model(spec: str, tracking_uri: str, tokenizer: str | None = None) ->
     if folder.suffix == ".gguf" and folder.is_file():
         raise CLIError(f"{spec}: a GGUF file runs in llama.cpp or Ollama (`ollama create -f` its Modelfile); --model "
                        "takes models:/NAME@ALIAS, models:/NAME/VERSION or a directory")
+    if (folder / "config.json").is_file() and not (folder / "model_config.json").is_file():
+        raise CLIError(f"{spec}: a Hugging Face export runs in transformers (AutoModelForCausalLM.from_pretrained"
+                       f"('{folder}')); --model takes models:/NAME@ALIAS, models:/NAME/VERSION or a directory with "
+                       "model.safetensors and model_config.json")
     if not (folder / "model.safetensors").is_file() or not (folder / "model_config.json").is_file():
         raise CLIError(f"{spec}: no model.safetensors and model_config.json in {folder}")
     if tokenizer:
@@ -140,6 +144,8 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     except UnicodeDecodeError as err:
         raise CLIError(f"--prompts-file {args.prompts_file}: not UTF-8 text (invalid byte at offset {err.start})") \
             from None
+    except OSError as err:
+        raise CLIError(f"--prompts-file {args.prompts_file}: {err.strerror.lower()}") from None
     prompts = [line for line in lines if line.strip()]
     if not prompts:
         raise CLIError(f"--prompts-file {args.prompts_file}: no prompt in it (one per line)")

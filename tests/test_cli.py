@@ -197,12 +197,17 @@ def test_bad_sampling_values_prompts_files_and_outs_are_one_line_errors(trained,
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "latin1.txt").write_bytes("il était une fois\n".encode("latin-1"))
     for name, says in (("empty.txt", "no prompt in it (one per line)"),
-                       ("latin1.txt", "not UTF-8 text (invalid byte at offset 3)")):
+                       ("latin1.txt", "not UTF-8 text (invalid byte at offset 3)"),
+                       ("missing.txt", "no such file or directory")):
         assert cli.main(["generate", "--model", str(trained), "--prompts-file", str(tmp_path / name)]) == 1
         assert capsys.readouterr().err.strip() == f"error: --prompts-file {tmp_path / name}: {says}"
     (tmp_path / "model.gguf").write_bytes(b"GGUF")
     assert cli.main(["generate", "--model", str(tmp_path / "model.gguf")]) == 1
     assert "a GGUF file runs in llama.cpp or Ollama" in capsys.readouterr().err
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")  # what `scriptorium export --format hf` writes, in short
+    assert cli.main(["generate", "--model", str(tmp_path / "hf")]) == 1
+    assert "a Hugging Face export runs in transformers (AutoModelForCausalLM" in capsys.readouterr().err
     a_file = tmp_path / "a-file"
     a_file.write_text("kept")
     for command in (["export", "--format", "hf"], ["attention", "--prompt", "the dog"]):
