@@ -388,9 +388,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (CLIError, ConfigError, ExportError, FileNotFoundError) as err:
+    except (CLIError, ConfigError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
+    except OSError as err:  # a folder that cannot be made, a full disk: the path and the reason, not "[Errno 2] ..."
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C during a long generation or export: no traceback, the shell's status
         print("interrupted", file=sys.stderr)
         return 130

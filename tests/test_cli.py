@@ -213,6 +213,8 @@ def test_bad_sampling_values_prompts_files_and_outs_are_one_line_errors(trained,
     for command in (["export", "--format", "hf"], ["attention", "--prompt", "the dog"]):
         assert cli.main([*command, "--model", str(trained), "--out", str(a_file)]) == 1
         assert capsys.readouterr().err.strip() == f"error: --out {a_file}: exists and is not a directory"
+        assert cli.main([*command, "--model", str(trained), "--out", str(a_file / "sub")]) == 1
+        assert capsys.readouterr().err.strip() == f"error: {a_file / 'sub'}: Not a directory"
     assert a_file.read_text() == "kept"
 
 
