@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import errno
 import functools
 import hashlib
 import inspect
@@ -27,6 +28,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import tempfile
 import threading
@@ -57,6 +59,22 @@ class PipelineError(Exception):
 
 class ArtifactsBusy(PipelineError):
     """Another run holds the artifacts directory's lock."""
+
+
+class StorageFull(PipelineError):
+    """A stage could not write its output: the disk is full, a quota is reached, or the file system is read-only."""
+
+
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def storage_errno(exc: BaseException) -> int | None:
+    """The errno of `exc` when it says the disk cannot take more (full, over quota, read-only), else None: an
+    OSError's own, or the `(os error N)` that Rust libraries (safetensors, tokenizers) put in their messages."""
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+        return exc.errno
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    return int(found.group(1)) if found and int(found.group(1)) in _STORAGE_ERRNOS else None
 
 
 class ArtifactsUnusable(PipelineError):
@@ -448,14 +466,23 @@ class Stage:
         from tasks.reporting.prefect_artifacts import reporting
         from tasks.reporting.summaries import publish_summary
 
-        with reporting(getattr(report, "prefect_artifacts", True)):
-            with measured(self.name, out_dir, report, log) as compute:
-                fields = self.run(cfg, out_dir, log, **upstream)
-            artifact = write_manifest(out_dir, self.name, {
-                "cache_key": key, "config": cfg.model_dump(mode="json"), "upstream": key_upstream(upstream), **fields,
-                "compute": compute.figures(fields),
-            })
-            publish_summary(self.name, artifact.manifest, artifact.path)
+        try:
+            with reporting(getattr(report, "prefect_artifacts", True)):
+                with measured(self.name, out_dir, report, log) as compute:
+                    fields = self.run(cfg, out_dir, log, **upstream)
+                artifact = write_manifest(out_dir, self.name, {
+                    "cache_key": key, "config": cfg.model_dump(mode="json"), "upstream": key_upstream(upstream),
+                    **fields, "compute": compute.figures(fields),
+                })
+                publish_summary(self.name, artifact.manifest, artifact.path)
+        except Exception as exc:
+            code = storage_errno(exc)
+            if code is None:
+                raise
+            free = shutil.disk_usage(out_dir).free / 1e9
+            raise StorageFull(f"{self.name}: {os.strerror(code).lower()} writing {out_dir} ({free:.2f} GB free): "
+                              "make room, or set artifacts_dir on a larger disk, and run again; finished stages "
+                              "come from the cache and training resumes from its last checkpoint") from None
         return artifact
 
 

@@ -6,6 +6,7 @@ two real stages (acquire and a character tokenizer), which is all a cache record
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -686,6 +687,33 @@ def test_a_404_fails_once_not_retried_and_prints_one_line_without_credentials(pr
     assert last.startswith("error: download of http://***@127.0.0.1") and "HTTP 404" in last
     assert len(server.requests) == 1  # acquire declares retries=2: a 404 is not retried
     assert "s3cret" not in failed.stderr + failed.stdout and "Traceback" not in failed.stderr
+
+
+@pytest.mark.parametrize("raised", [
+    OSError(errno.ENOSPC, "No space left on device"),  # Python's own writes, pyarrow's
+    RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors' words
+    OSError(errno.EROFS, "Read-only file system"),
+])
+def test_a_full_or_read_only_disk_is_one_line_naming_the_stage_and_the_way_on(tmp_path, raised):
+    """The real thing was seen on a 3 MB tmpfs: a SafetensorError traceback from train's first checkpoint; after
+    making room the same command resumed with every earlier stage cached. Here each way a library reports it."""
+    from pipeline_config.schema import AcquireConfig
+    from tasks.stage import Stage, StorageFull
+
+    def run(cfg, out_dir, log):
+        raise raised
+
+    with pytest.raises(StorageFull) as full:
+        Stage(name="acquire", run=run).execute(AcquireConfig(), {}, tmp_path)
+    said, reason = str(full.value), os.strerror(getattr(raised, "errno", errno.ENOSPC)).lower()
+    assert said.startswith(f"acquire: {reason} writing {tmp_path}")
+    assert "GB free): make room, or set artifacts_dir on a larger disk, and run again" in said
+
+    def other(cfg, out_dir, log):
+        raise OSError(errno.ENOENT, "No such file or directory")  # not about room: left as it is
+
+    with pytest.raises(FileNotFoundError):
+        Stage(name="acquire", run=other).execute(AcquireConfig(), {}, tmp_path)
 
 
 def test_prefect_retries_a_transient_error_with_backoff_and_never_a_deterministic_one(prefect_api, tmp_path):
