@@ -70,11 +70,14 @@ _STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 def storage_errno(exc: BaseException) -> int | None:
     """The errno of `exc` when it says the disk cannot take more (full, over quota, read-only), else None: an
-    OSError's own, or the `(os error N)` that Rust libraries (safetensors, tokenizers) put in their messages."""
+    OSError's own, the `(os error N)` that Rust libraries (safetensors, tokenizers) put in their messages, or
+    SQLite's "database or disk is full" inside MLflow's exception."""
     if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
         return exc.errno
     found = re.search(r"\(os error (\d+)\)", str(exc))
-    return int(found.group(1)) if found and int(found.group(1)) in _STORAGE_ERRNOS else None
+    if found and int(found.group(1)) in _STORAGE_ERRNOS:
+        return int(found.group(1))
+    return errno.ENOSPC if "database or disk is full" in str(exc) else None
 
 
 class ArtifactsUnusable(PipelineError):

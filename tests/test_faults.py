@@ -693,6 +693,8 @@ def test_a_404_fails_once_not_retried_and_prints_one_line_without_credentials(pr
     OSError(errno.ENOSPC, "No space left on device"),  # Python's own writes, pyarrow's
     RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors' words
     OSError(errno.EROFS, "Read-only file system"),
+    RuntimeError("(raised as a result of Query-invoked autoflush)\n(sqlite3.OperationalError) database or disk is "
+                 "full"),  # MLflow's SQLite store, as register saw it on a full tmpfs
 ])
 def test_a_full_or_read_only_disk_is_one_line_naming_the_stage_and_the_way_on(tmp_path, raised):
     """The real thing was seen on a 3 MB tmpfs: a SafetensorError traceback from train's first checkpoint; after
