@@ -30,7 +30,7 @@ from tasks.evaluate import ATTENTION_MAP, SAMPLES
 from tasks.lineage.gate import GATE_TAG, champion_figure, record_gate, record_lineage
 from tasks.lineage.registry import unreachable_server
 from tasks.stage import REPO_ROOT, Artifact, PipelineError, Stage, json_digest, key_upstream, prefect_task, \
-    read_jsonl, write_json
+    read_jsonl, storage_errno, write_json
 from tasks.tokenizer import COMPARISON_CHART
 from tasks.tokenizer import REPORT as FERTILITY
 from tasks.train import METRICS as TRAIN_METRICS
@@ -41,6 +41,22 @@ SQLITE_TIMEOUT = 30.0  # seconds still_registered waits for a writer (the MLflow
 FINGERPRINT_TAG = "scriptorium.fingerprint"  # on the run: the lineage it registers
 LINEAGE_TAG = "scriptorium.lineage_logged"  # on the run: params, curve, manifests and reports are all there
 PREVIOUS_TAG = "scriptorium.previous_champion"  # on the version: the champion it replaced ("" for none)
+MLFLOW_DB_LOGGER = "mlflow.store.db.utils"
+
+
+class _FullDiskSaidOnce(logging.Filter):
+    """MLflow logs a SQLite error with its whole traceback before raising it; a full disk is then said once, in one
+    line, by the stage mechanism (StorageFull). Every other database error is logged as MLflow logs it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        raised = record.exc_info[1] if record.exc_info else None
+        return raised is None or storage_errno(raised) is None
+
+
+def quiet_full_disk_tracebacks() -> None:
+    db_log = logging.getLogger(MLFLOW_DB_LOGGER)
+    if not any(isinstance(f, _FullDiskSaidOnce) for f in db_log.filters):
+        db_log.addFilter(_FullDiskSaidOnce())
 
 
 def store_location(cfg: RegisterConfig, artifacts_root: Path) -> tuple[str, str | None]:
@@ -195,9 +211,9 @@ def register(cfg: RegisterConfig, out_dir: Path, log: logging.Logger, *, acquire
         raise ValueError(f"register.champion_metric '{cfg.champion_metric}' is not among evaluate's metrics (the "
                          f"validation split has the languages {languages}): choose one of those or the total")
     uri, artifact_location = store_location(cfg, out_dir.parents[1])
-    down = unreachable_server(uri)
-    if down:
+    if down := unreachable_server(uri):
         raise RegisterError(f"register.tracking_uri: {down}")
+    quiet_full_disk_tracebacks()
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     experiment_id = _experiment(client, cfg, artifact_location)

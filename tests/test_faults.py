@@ -718,6 +718,32 @@ def test_a_full_or_read_only_disk_is_one_line_naming_the_stage_and_the_way_on(tm
         Stage(name="acquire", run=other).execute(AcquireConfig(), {}, tmp_path)
 
 
+def test_mlflow_does_not_print_a_full_disk_traceback_before_register_says_it_in_one_line():
+    """On a full tmpfs MLflow's store logged 80 lines of SQLAlchemy traceback before StorageFull's one line; its
+    other database errors are still logged as MLflow logs them."""
+    import sqlite3
+
+    from tasks.register import MLFLOW_DB_LOGGER, quiet_full_disk_tracebacks
+
+    quiet_full_disk_tracebacks()
+    quiet_full_disk_tracebacks()  # once per register call: the filter is not stacked
+    db_log = logging.getLogger(MLFLOW_DB_LOGGER)
+    assert len(db_log.filters) == 1
+    seen: list[str] = []
+    collector = logging.Handler()
+    collector.emit = lambda record: seen.append(record.exc_info[1].args[0])  # mlflow's loggers do not propagate
+    db_log.addHandler(collector)
+    try:
+        for message in ("database or disk is full", "no such table: runs"):
+            try:
+                raise sqlite3.OperationalError(message)
+            except sqlite3.OperationalError:
+                db_log.exception("SQLAlchemy database error. The following exception is caught.")
+    finally:
+        db_log.removeHandler(collector)
+    assert seen == ["no such table: runs"]
+
+
 def test_prefect_retries_a_transient_error_with_backoff_and_never_a_deterministic_one(prefect_api, tmp_path):
     from prefect import flow
 
