@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -391,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, ConfigError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
+    except BrokenPipeError:  # `scriptorium generate --stream | head`: the reader has all it wanted; say nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as Python's docs do: no error at exit
+        return 1
     except OSError as err:  # a folder that cannot be made, a full disk: the path and the reason, not "[Errno 2] ..."
         where = f"{err.filename}: " if err.filename else ""
         print(f"error: {where}{err.strerror or err}", file=sys.stderr)

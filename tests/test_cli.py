@@ -236,3 +236,15 @@ def test_a_store_that_is_not_there_is_one_line_and_nothing_is_created(tmp_path, 
         assert f"no MLflow tracking server answers at {down}" in err and err.count("\n") == 1
     assert cli.main(["models", "--tracking-uri", "bogus://x"]) == 1
     assert capsys.readouterr().err.startswith("error: bogus://x: Model registry functionality is unavailable")
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(trained):
+    """`scriptorium generate --stream | head -c 5`: the pipe closes while tokens are still coming; like other
+    command-line tools it stops quietly with status 1 (it printed a BrokenPipeError traceback)."""
+    command = [sys.executable, "-m", "flows.cli", "generate", "--model", str(trained), "--prompt", "the", "--stream",
+               "--max-new-tokens", "2000", "--temperature", "1", "--seed", "1"]
+    reader = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(reader.stdout.read(3)) == 3
+    reader.stdout.close()
+    err = reader.stderr.read().decode()
+    assert reader.wait(timeout=300) == 1 and err == "", err[-2000:]
