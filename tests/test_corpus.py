@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,21 @@ def test_null_or_non_string_text_names_the_line(tmp_path):
         docs(tmp_path / "d.parquet")
     first = next(documents_from(tmp_path / "a.jsonl", SourceConfig(path="a.jsonl")))
     assert first == "fine"  # the BOM did not break the first line
+
+
+def test_a_damaged_or_misnamed_file_is_one_error_naming_it(tmp_path):
+    """A .gz cut short by a failed copy, a .gz that is not gzip, a .parquet that is not Parquet: pyarrow's OSError
+    and ArrowInvalid reached the command line as tracebacks; each is now the stage's own error, naming the file."""
+    whole = gzip.compress(b"".join(json.dumps({"text": f"story {i}"}).encode() + b"\n" for i in range(2000)))
+    files = {"cut.jsonl.gz": whole[: len(whole) // 2], "plain.jsonl.gz": b'{"text": "hi"}\n',
+             "text.parquet": b"not parquet at all"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        kind = "parquet" if name.endswith("parquet") else "jsonl (gz)"
+        with pytest.raises(AcquireError, match=rf"^{tmp_path / name}: cannot be read as {re.escape(kind)}: .*"
+                                               "the file is damaged or cut short, or not what its name says"):
+            acquire(AcquireConfig(sources=[SourceConfig(path=str(tmp_path / name))]), tmp_path / "out", LOG)
+    assert not (tmp_path / "out" / "documents.parquet").exists()
 
 
 def test_duplicates_are_dropped_and_counted_and_row_groups_follow_batch_bytes(tmp_path):

@@ -80,14 +80,20 @@ def documents_from(path: Path, source: SourceConfig, report: FileReport | None =
     """The documents of one file, in order, as they are read (closing the iterator stops the reading)."""
     report = report if report is not None else FileReport()
     kind = file_format(path, source)
-    if kind == "parquet":
-        yield from _parquet_documents(path, source.text_field)
-    elif kind == "txt":
-        yield from (doc for doc in _text_documents(path, source, report) if doc.strip())
-    elif kind == "jsonl":
-        yield from _jsonl_documents(path, source, report)
-    else:
-        yield from _json_documents(path, source, report)
+    try:
+        if kind == "parquet":
+            yield from _parquet_documents(path, source.text_field)
+        elif kind == "txt":
+            yield from (doc for doc in _text_documents(path, source, report) if doc.strip())
+        elif kind == "jsonl":
+            yield from _jsonl_documents(path, source, report)
+        else:
+            yield from _json_documents(path, source, report)
+    except (OSError, pa.ArrowException) as exc:  # a cut-short .gz, a file that is not Parquet: pyarrow's words
+        packed = next((f" ({suffix[1:]})" for suffix in COMPRESSED if path.name.endswith(suffix)), "")
+        raise AcquireError(f"{path}: cannot be read as {kind}{packed}: {' '.join(str(exc).split())}; the file is "
+                           "damaged or cut short, or not what its name says (`format:` on the source overrides the "
+                           "name)") from None
 
 
 # ----------------------------------------------------------------------------------------------- bytes to text
