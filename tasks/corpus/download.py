@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline_config.schema import SourceConfig
-from tasks.stage import PipelineError, file_sha256, redact
+from tasks.stage import PipelineError, file_sha256, redact, write_atomic
 
 SCHEMES = ("http", "https")
 
@@ -146,13 +146,10 @@ def _record_validator(response: Any, part: Path) -> None:
     used there), else the Last-Modified date; neither, and a resume can only trust that the file did not change."""
     etag = response.headers.get("ETag") or ""
     value = etag if etag.startswith('"') else response.headers.get("Last-Modified") or ""
-    validator = _validator_file(part)
     if value and "\n" not in value:
-        temporary = validator.with_name(validator.name + ".tmp")
-        temporary.write_text(value)
-        os.replace(temporary, validator)
+        write_atomic(_validator_file(part), value)
     else:
-        validator.unlink(missing_ok=True)
+        _validator_file(part).unlink(missing_ok=True)
 
 
 def _range_start(response: Any) -> int | None:
