@@ -16,7 +16,6 @@ any folder holding `model.safetensors`, `model_config.json` and a tokenizer. Gen
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -172,38 +171,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _number(kind: type, low: float | None = None, high: float | None = None, above: bool = False):
-    """A parser for one sampling knob (argparse `type=` and the REPL): a `kind` in [low, high] ((low, high] when
-    `above`); anything else raises ArgumentTypeError naming the range."""
-    if low is None:
-        bounds = f"({kind.__name__})"
-    elif high is None:
-        bounds = f">= {low}"
-    else:
-        bounds = f"in {'(' if above else '['}{low}, {high}]"
+def _number(name: str):
+    """A parser for one sampling knob (argparse `type=` and the REPL): a number in the range model/knobs.py gives
+    `name`; anything else raises ArgumentTypeError naming the range."""
+    from model.knobs import RANGES, bounds, fits
+
+    kind = RANGES[name][0]
 
     def parse(text: str):
-        wrong = argparse.ArgumentTypeError(f"needs a number {bounds}, not {text!r}")
+        wrong = argparse.ArgumentTypeError(f"needs a number {bounds(name)}, not {text!r}")
         try:
             value = kind(text)
         except ValueError:
             raise wrong from None
-        fits = math.isfinite(value) and (low is None or value > low or (value == low and not above)) and \
-            (high is None or value <= high)
-        if not fits:  # nan and inf too: a nan temperature would sample garbage without a word
+        if not fits(name, value):
             raise wrong
         return value
 
     return parse
 
 
-MAX_NEW_TOKENS = _number(int, 1)
-TEMPERATURE = _number(float, 0)
-TOP_K = _number(int, 0)
-TOP_P = _number(float, 0, 1, above=True)
+MAX_NEW_TOKENS = _number("max_new_tokens")
+TEMPERATURE = _number("temperature")
+TOP_K = _number("top_k")
+TOP_P = _number("top_p")
+SEED = _number("seed")
 REPL_KNOBS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "/temp": ("temperature", TEMPERATURE), "/top_k": ("top_k", lambda v: TOP_K(v) or None), "/top_p": ("top_p", TOP_P),
-    "/max": ("max_new_tokens", MAX_NEW_TOKENS), "/seed": ("seed", _number(int)),
+    "/max": ("max_new_tokens", MAX_NEW_TOKENS), "/seed": ("seed", SEED),
 }
 
 
@@ -346,7 +341,7 @@ def _generate_parser(sub) -> None:
     gen.add_argument("--temperature", type=TEMPERATURE, default=0.8, help="0 is greedy")
     gen.add_argument("--top-k", type=TOP_K, default=50, help="sample among the k most likely tokens (0: all)")
     gen.add_argument("--top-p", type=TOP_P, default=0.95, help="nucleus sampling: the smallest set with this mass")
-    gen.add_argument("--seed", type=_number(int), default=0, help="sampling seed (the same seed gives the same text)")
+    gen.add_argument("--seed", type=SEED, default=0, help="sampling seed (the same seed gives the same text)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are sampled")
     gen.add_argument("--interactive", action="store_true",
                      help="a REPL: each line is a prompt; /temp 0.5, /top_k 20, /top_p 0.9, /max 64, /seed 1; Ctrl-D")

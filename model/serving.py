@@ -3,7 +3,8 @@
 `mlflow.pytorch.log_model` would save through `torch.export`, which freezes the input length of its example; a
 pyfunc that owns tokenization and generation answers prompts of any length and keeps the weights in the same
 safetensors file the pipeline trained. Generation knobs are declared params of the signature, so MLflow passes them
-through at predict time instead of silently dropping them.
+through at predict time instead of silently dropping them; one out of range (model/knobs.py, the command line's
+ranges) is refused as MLflow's INVALID_PARAMETER_VALUE, which `mlflow models serve` answers with a 400 naming it.
 
 It is logged as MLflow's "models from code": register hands `log_model` this file's path, MLflow copies the file
 (and the `model/` package, as code) into the model and runs it at load time, where `set_model` below names the
@@ -26,9 +27,16 @@ class ScriptoriumLM(mlflow.pyfunc.PythonModel):
         self.tokenizer = load_tokenizer(context.artifacts["tokenizer"])
 
     def predict(self, context, model_input, params=None):
-        from model.generation import generate_text
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        params = {**PARAMS, **(params or {})}
+        from model.generation import generate_text
+        from model.knobs import checked
+
+        try:
+            params = checked({**PARAMS, **(params or {})})
+        except ValueError as exc:
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         prompts = model_input["prompt"].tolist() if hasattr(model_input, "columns") else list(model_input)
         return generate_text(
             self.model, self.tokenizer, [str(p) for p in prompts], int(params["max_new_tokens"]),

@@ -68,6 +68,31 @@ def _own_synthesis_tuning_file(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(tuning, "DEFAULT_FILE", tmp_path_factory.mktemp("tuning") / "synthesize-tuning.json")
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A folder as a registered version holds it: model.safetensors, model_config.json, tokenizer/ (a tiny GPT on a
+    real 320-piece SentencePiece vocabulary, untrained)."""
+    import torch
+    from safetensors.torch import save_model
+
+    from model import ModelConfig, build_model
+    from model.tokenizer import load_tokenizer
+    from pipeline_config.schema import TokenizerConfig
+    from tasks.tokenizer import build_tokenizer
+
+    root = tmp_path_factory.mktemp("model")
+    lines = SAMPLE.read_text(encoding="utf-8").splitlines()[:100]
+    records = [{"text": json.loads(line)["text"], "language": "en"} for line in lines]
+    (root / "tokenizer").mkdir()
+    build_tokenizer(TokenizerConfig(vocab_size=320), records, root / "tokenizer", logging.getLogger("test"))
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="gpt", vocab_size=load_tokenizer(root / "tokenizer").vocab_size, n_layer=1, n_head=2,
+                      n_embd=32, block_size=64)
+    save_model(build_model(cfg), str(root / "model.safetensors"))
+    (root / "model_config.json").write_text(cfg.model_dump_json())
+    return root
+
+
 def run_stages(root: Path, stages: tuple[str, ...], extra_overrides: tuple[str, ...] = (),
                report: Callable[[str], Any] | None = None) -> dict:
     """Quickstart shrunk by `tiny_overrides` (plus `extra_overrides`) on the small corpus under `root`, with `stages`

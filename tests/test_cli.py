@@ -8,41 +8,18 @@ model the flow registers.
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
 import pytest
-import torch
 
-from model import ModelConfig, build_model
 from model.generation import generate_text, stream_text
 from model.tokenizer import load_tokenizer
-from pipeline_config.schema import TokenizerConfig
-from tasks.tokenizer import build_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 GREEDY = {"max_new_tokens": 12, "temperature": 0.0, "top_k": None, "top_p": None, "seed": 0}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A folder as a registered version holds it: model.safetensors, model_config.json, tokenizer/."""
-    from safetensors.torch import save_model
-
-    root = tmp_path_factory.mktemp("model")
-    lines = (REPO / "data" / "tinystories-sample" / "stories.jsonl").read_text().splitlines()[:100]
-    records = [{"text": json.loads(line)["text"], "language": "en"} for line in lines]
-    (root / "tokenizer").mkdir()
-    build_tokenizer(TokenizerConfig(vocab_size=320), records, root / "tokenizer", logging.getLogger("test"))
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="gpt", vocab_size=load_tokenizer(root / "tokenizer").vocab_size, n_layer=1, n_head=2,
-                      n_embd=32, block_size=64)
-    save_model(build_model(cfg), str(root / "model.safetensors"))
-    (root / "model_config.json").write_text(cfg.model_dump_json())
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,62 @@
+"""The registered model behind MLflow's scoring server, as `mlflow models serve -m models:/NAME@champion` runs it.
+
+The pyfunc is logged by register's own `_log_model` into a real SQLite registry, loaded back by registry URI, and
+asked through `mlflow.pyfunc.scoring_server.init`: the FastAPI app that `mlflow models serve` runs under uvicorn,
+called here in process through starlette's TestClient (no port, no subprocess; the HTTP handling is MLflow's).
+"""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def scoring(trained, tmp_path_factory):
+    import mlflow
+    from mlflow.pyfunc import scoring_server
+    from starlette.testclient import TestClient
+
+    from pipeline_config.schema import RegisterConfig
+    from tasks.register import _log_model
+    from tasks.stage import Artifact
+
+    store = tmp_path_factory.mktemp("mlflow")
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+    try:
+        with mlflow.start_run():
+            version = _log_model(RegisterConfig(model_name="tiny"), Artifact("train", trained, ""),
+                                 Artifact("tokenizer", trained / "tokenizer", ""))
+        model = mlflow.pyfunc.load_model(f"models:/tiny/{version}")
+    finally:
+        mlflow.set_tracking_uri(before)
+    with TestClient(scoring_server.init(model)) as client:
+        yield client
+
+
+def invoke(client, prompts, **params):
+    response = client.post("/invocations", json={"inputs": {"prompt": prompts}, "params": params})
+    return response.status_code, response.json()
+
+
+def test_the_served_model_continues_each_prompt_with_the_params_it_is_given(scoring):
+    status, body = invoke(scoring, ["once upon a time", "the dog"], max_new_tokens=4, temperature=0.0)
+    assert status == 200
+    texts = body["predictions"]
+    assert len(texts) == 2 and texts[0].startswith("once upon a time") and texts[1].startswith("the dog")
+    assert invoke(scoring, ["the dog"], max_new_tokens=4, temperature=0.0)[1]["predictions"] == texts[1:]
+
+
+@pytest.mark.parametrize(("param", "value", "says"), [
+    ("temperature", -1.0, "temperature needs a number >= 0, not -1.0"),
+    ("top_p", 0.0, "top_p needs a number in (0, 1], not 0.0"),
+    ("top_p", 1.5, "top_p needs a number in (0, 1], not 1.5"),
+    ("top_k", -3, "top_k needs a number >= 0, not -3"),
+    ("max_new_tokens", 0, "max_new_tokens needs a number >= 1, not 0"),
+])
+def test_a_sampling_param_the_command_line_refuses_is_a_400_naming_it(scoring, param, value, says):
+    """A negative temperature used to sample from the inverted distribution (garbage, status 200); the served model
+    now refuses what `scriptorium generate` refuses, with MLflow's INVALID_PARAMETER_VALUE."""
+    status, body = invoke(scoring, ["once upon a time"], **{param: value})
+    assert status == 400
+    assert body["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert says in body["message"]
