@@ -13,7 +13,7 @@ RANGES: dict[str, tuple[type, float | None, float | None, bool]] = {
     "temperature": (float, 0, None, False),  # 0 is greedy; below it the distribution is turned upside down
     "top_k": (int, 0, None, False),  # 0: all tokens
     "top_p": (float, 0, 1, True),
-    "seed": (int, None, None, False),
+    "seed": (int, -2**63, 2**64 - 1, False),  # what torch.manual_seed takes
 }
 
 

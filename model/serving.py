@@ -33,11 +33,14 @@ class ScriptoriumLM(mlflow.pyfunc.PythonModel):
         from model.generation import generate_text
         from model.knobs import checked
 
+        prompts = model_input["prompt"].tolist() if hasattr(model_input, "columns") else list(model_input)
         try:
             params = checked({**PARAMS, **(params or {})})
+            for row, prompt in enumerate(prompts, 1):
+                if prompt is None or prompt != prompt:  # None, or NaN where the frame's column is numeric
+                    raise ValueError(f"prompt {row} of {len(prompts)} is null: each row needs a prompt string")
         except ValueError as exc:
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
-        prompts = model_input["prompt"].tolist() if hasattr(model_input, "columns") else list(model_input)
         return generate_text(
             self.model, self.tokenizer, [str(p) for p in prompts], int(params["max_new_tokens"]),
             temperature=float(params["temperature"]), top_k=int(params["top_k"]) or None,

@@ -166,7 +166,7 @@ def test_bad_sampling_values_prompts_files_and_outs_are_one_line_errors(trained,
     from flows import cli
 
     for argv in (["--max-new-tokens", "0"], ["--temperature", "-1"], ["--top-p", "0"], ["--top-k", "x"],
-                 ["--temperature", "nan"]):
+                 ["--temperature", "nan"], ["--seed", str(2**64)]):
         with pytest.raises(SystemExit) as exited:
             cli.main(["generate", "--model", str(trained), *argv])
         assert exited.value.code == 2

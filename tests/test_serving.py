@@ -52,6 +52,7 @@ def test_the_served_model_continues_each_prompt_with_the_params_it_is_given(scor
     ("top_p", 1.5, "top_p needs a number in (0, 1], not 1.5"),
     ("top_k", -3, "top_k needs a number >= 0, not -3"),
     ("max_new_tokens", 0, "max_new_tokens needs a number >= 1, not 0"),
+    ("seed", 2**70, f"seed needs a number in [{-2**63}, {2**64 - 1}], not {2**70}"),  # torch.manual_seed's range
 ])
 def test_a_sampling_param_the_command_line_refuses_is_a_400_naming_it(scoring, param, value, says):
     """A negative temperature used to sample from the inverted distribution (garbage, status 200); the served model
@@ -60,3 +61,15 @@ def test_a_sampling_param_the_command_line_refuses_is_a_400_naming_it(scoring, p
     assert status == 400
     assert body["error_code"] == "INVALID_PARAMETER_VALUE"
     assert says in body["message"]
+
+
+def test_a_null_prompt_is_a_400_naming_its_row_not_the_text_none(scoring):
+    """`str(None)` used to make "None" the prompt, generated from with status 200. In the `dataframe_records` and
+    `dataframe_split` forms a null reaches the model as NaN and is refused here; in the `inputs` form MLflow's own
+    parser (`parse_tf_serving_input`) has already made it the string 'None', which no model can tell from a prompt."""
+    for body in ({"dataframe_records": [{"prompt": "the dog"}, {"prompt": None}]},
+                 {"dataframe_split": {"columns": ["prompt"], "data": [["the dog"], [None]]}}):
+        response = scoring.post("/invocations", json=body)
+        assert response.status_code == 400
+        assert response.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+        assert "prompt 2 of 2 is null" in response.json()["message"]
