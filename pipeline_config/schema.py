@@ -143,6 +143,9 @@ def _country_code(value: str) -> str:
 
 CountryCode = Annotated[str, AfterValidator(_country_code)]
 
+# What both torch.manual_seed (64 bits, plus a DDP rank) and numpy's generators (no negatives) take.
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
+
 
 # `init_from` / `tokenizer.from_model`: a registered model of the pipeline's MLflow store (see tasks/lineage/).
 MODEL_REF = r"^(champion|models:/[^/@\s]+(/[0-9]+|@[A-Za-z0-9_-]+))$"
@@ -286,7 +289,7 @@ class CheckpointSamplesConfig(Section):
 
 class TrainConfig(Section):
     model: ModelSection = Field(default_factory=ModelSection)
-    seed: int = 1337
+    seed: Seed = 1337
     batch_size: int = Field(16, ge=1, description="sequences per micro-batch (per process under DDP)")
     grad_accum_steps: int = Field(1, ge=1)
     max_steps: int = Field(200, ge=1)
@@ -350,7 +353,7 @@ class EvaluateConfig(Section):
     temperature: float = Field(0.8, ge=0)
     top_k: int | None = Field(50, ge=1)
     top_p: float | None = Field(0.95, gt=0, le=1)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class ExportConfig(Section):

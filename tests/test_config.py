@@ -33,6 +33,17 @@ def test_an_infinite_or_nan_knob_is_a_config_error(override):
         load_config("quickstart", [override])
 
 
+@pytest.mark.parametrize("override", ["train.seed=-1", f"train.seed={2**64}", f"evaluate.seed={2**70}"])
+def test_a_seed_torch_or_numpy_cannot_take_is_a_config_error(override):
+    """torch.manual_seed overflows past 64 bits and numpy's generators refuse a negative seed: both were a
+    traceback from train or evaluate, after every stage before had run."""
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as err:
+        load_config("quickstart", [override])
+    says = "greater than or equal to 0" if int(value) < 0 else f"less than {2**63}"
+    assert f"--set: {key}: Input should be {says}" in str(err.value)
+
+
 def test_a_country_codecarbon_has_no_grid_for_is_a_config_error_and_case_does_not_matter():
     """codecarbon costs an unknown code (or `fra` in lower case) at the world average after one log line, which
     made a French run's CO2 about eight times too high; the code is upper-cased and checked against its data."""
