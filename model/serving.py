@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import mlflow.models
 import mlflow.pyfunc
+import pandas as pd
 
 PARAMS = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 50, "top_p": 0.95, "seed": 0}
 
@@ -26,7 +27,9 @@ class ScriptoriumLM(mlflow.pyfunc.PythonModel):
         self.model = load_model(context.artifacts["weights"], context.artifacts["model_config"])
         self.tokenizer = load_tokenizer(context.artifacts["tokenizer"])
 
-    def predict(self, context, model_input, params=None):
+    # A DataFrame hint: MLflow infers nothing from it and checks the signature given at logging, as without one
+    # (where it warned "Add type hints" at every load).
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 

@@ -6,6 +6,8 @@ called here in process through starlette's TestClient (no port, no subprocess; t
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 
@@ -26,11 +28,19 @@ def scoring(trained, tmp_path_factory):
         with mlflow.start_run():
             version = _log_model(RegisterConfig(model_name="tiny"), Artifact("train", trained, ""),
                                  Artifact("tokenizer", trained / "tokenizer", ""))
-        model = mlflow.pyfunc.load_model(f"models:/tiny/{version}")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = mlflow.pyfunc.load_model(f"models:/tiny/{version}")
     finally:
         mlflow.set_tracking_uri(before)
     with TestClient(scoring_server.init(model)) as client:
+        client.load_warnings = [str(w.message) for w in caught]
         yield client
+
+
+def test_loading_the_model_warns_of_nothing(scoring):
+    """MLflow warned "Add type hints to the `predict` method" at every load and serve of every version."""
+    assert not [w for w in scoring.load_warnings if "type hint" in w]
 
 
 def invoke(client, prompts, **params):
