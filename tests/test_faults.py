@@ -201,13 +201,23 @@ def test_a_broken_chunked_transfer_is_a_transient_acquire_error(tmp_path):
     assert _refused(broken_chunks, "IncompleteRead", tmp_path / "data.jsonl").transient
 
 
-def test_only_5xx_dropped_connections_and_timeouts_are_retryable(tmp_path):
+def test_only_5xx_429_408_dropped_connections_and_timeouts_are_retryable(tmp_path):
+    """429 (the hub's rate limit) and 408 say "later", as a 5xx does; they were failures for good."""
     from tasks.stage import retryable
 
     outcomes = {code: retryable(_refused(_status(code), f"HTTP {code}", tmp_path / f"{code}.jsonl"))
-                for code in (404, 403, 500, 503)}
+                for code in (404, 403, 408, 429, 500, 503)}
     outcomes["checksum"] = retryable(_refused(_status(200, BODY), "checksum mismatch", tmp_path / "x.jsonl", "0" * 64))
-    assert outcomes == {404: False, 403: False, 500: True, 503: True, "checksum": False}
+    assert outcomes == {404: False, 403: False, 408: True, 429: True, 500: True, 503: True, "checksum": False}
+    from pipeline_config.schema import AcquireConfig, SourceConfig
+    from tasks.acquire import acquire
+    from tasks.corpus.download import AcquireError
+
+    for code in (429, 404):  # the hub's tree listing, before any file
+        with _server(_status(code)) as server, pytest.raises(AcquireError, match=f"HTTP {code}") as err:
+            hub = SourceConfig(kind="hf", dataset="org/tiny", endpoint=server.url)
+            acquire(AcquireConfig(sources=[hub]), tmp_path / "hub", LOG)
+        assert retryable(err.value) is (code == 429)
     assert retryable(ConnectionResetError()) and retryable(TimeoutError()) and not retryable(KeyError("bug"))
 
 

@@ -14,9 +14,10 @@ goes to the hub only, never to the CDN it redirects to.
 Downloads are verified or refused. A body is complete only when the protocol says so (its `Content-Length`, or a
 chunked transfer's terminator) or its checksum matches: a body that simply stops, with neither, is refused rather
 than cached for good. Only what a retry can change is marked transient and retried (by the stage, with backoff): a
-5xx, a dropped connection, a timeout, a transfer cut short. A 4xx or a checksum mismatch fails at once. Only `http`
-and `https` are spoken, redirects included. A file name the hub lists is a path *inside* the download folder or an
-error: `../x` and `/etc/x` are refused before anything is written. Credentials in a URL never reach a message.
+5xx, a 429 or 408, a dropped connection, a timeout, a transfer cut short. Another 4xx or a checksum mismatch fails
+at once. Only `http` and `https` are spoken, redirects included. A file name the hub lists is a path *inside* the
+download folder or an error: `../x` and `/etc/x` are refused before anything is written.
+Credentials in a URL never reach a message.
 """
 from __future__ import annotations
 
@@ -36,6 +37,11 @@ from pipeline_config.schema import SourceConfig
 from tasks.stage import PipelineError, file_sha256, redact, write_atomic
 
 SCHEMES = ("http", "https")
+
+
+def later(status: int) -> bool:
+    """Whether an HTTP status says "try again later": a 5xx, 429 Too Many Requests (the hub's rate limit) or 408."""
+    return status >= 500 or status in (408, 429)
 
 
 class AcquireError(PipelineError, RuntimeError):
@@ -104,7 +110,7 @@ def download(
             _receive(response, part, offset, url, sha256, log)
     except urllib.error.HTTPError as exc:
         if not (exc.code == 416 and offset):  # 416 with a .part file: it already holds everything
-            raise AcquireError(f"download of {url} failed: HTTP {exc.code} {exc.reason}", transient=exc.code >= 500) \
+            raise AcquireError(f"download of {url} failed: HTTP {exc.code} {exc.reason}", transient=later(exc.code)) \
                 from None
     except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
         size = part.stat().st_size if part.exists() else 0
@@ -256,7 +262,7 @@ def _hub_listing(source: SourceConfig, base: str, revision: str, token: str | No
                     f"${source.token_env}") if exc.code in (401, 403, 404) else "a re-run tries again"
             raise AcquireError(
                 f"hub dataset '{source.dataset}' (revision {source.revision}) at {base}: HTTP {exc.code} {exc.reason}; "
-                f"{hint}", transient=exc.code >= 500,
+                f"{hint}", transient=later(exc.code),
             ) from None
         except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
             raise AcquireError(
