@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from model.config import ModelSection
 from pipeline_config.synthesize import SynthesizeConfig
@@ -142,6 +142,27 @@ def _country_code(value: str) -> str:
 
 
 CountryCode = Annotated[str, AfterValidator(_country_code)]
+
+def _model_name(value: str) -> str:
+    """What MLflow registers (no '/' or ':', not a path like '..') and a `models:/NAME@ALIAS` URI can carry back
+    (no '@', no spaces: MODEL_REF)."""
+    if not re.fullmatch(r"[^/:@\s]+", value) or value in (".", ".."):
+        raise ValueError(f"'{value}' is not a name MLflow can register: use letters, digits, '-', '_' or '.', without "
+                         "'/', ':', '@' or spaces")
+    return value
+
+
+def _alias(value: str) -> str:
+    """What MLflow sets as an alias: letters, digits, '_' and '-'; 'latest' and 'v<N>' (its version aliases) are
+    reserved."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", value) or value.lower() == "latest" or re.fullmatch(r"[vV]\d+", value):
+        raise ValueError(f"'{value}' is not an alias MLflow can set: letters, digits, '_' or '-', and not 'latest' "
+                         "or v<N> (reserved)")
+    return value
+
+
+ModelName = Annotated[str, AfterValidator(_model_name)]
+Alias = Annotated[str, AfterValidator(_alias)]
 
 # What both torch.manual_seed (64 bits, plus a DDP rank) and numpy's generators (no negatives) take.
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
@@ -381,9 +402,9 @@ class ExportConfig(Section):
 
 class RegisterConfig(Section):
     tracking_uri: str | None = Field(None, description="None: SQLite store under <artifacts_dir>/mlflow")
-    experiment: str = "scriptorium"
-    model_name: str = "scriptorium-lm"
-    champion_alias: str = "champion"
+    experiment: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)] = "scriptorium"
+    model_name: ModelName = "scriptorium-lm"
+    champion_alias: Alias = "champion"
     champion_metric: str = Field(
         "val_bpb", pattern=r"^val_(bpb|loss|perplexity)(\.[A-Za-z0-9_-]+)?$",
         description="lower is better: val_bpb, val_loss or val_perplexity, or one language's, e.g. val_bpb.fr")

@@ -44,6 +44,23 @@ def test_a_seed_torch_or_numpy_cannot_take_is_a_config_error(override):
     assert f"--set: {key}: Input should be {says}" in str(err.value)
 
 
+@pytest.mark.parametrize(("override", "says"), [
+    ("register.model_name=a:b", "register.model_name: 'a:b' is not a name MLflow can register"),
+    ("register.model_name=team/lm", "register.model_name: 'team/lm' is not a name MLflow can register"),
+    ("register.model_name=my lm", "register.model_name: 'my lm' is not a name MLflow can register"),
+    ("register.model_name=..", "register.model_name: '..' is not a name MLflow can register"),
+    ("register.champion_alias=latest", "register.champion_alias: 'latest' is not an alias MLflow can set"),
+    ("register.champion_alias=v2", "register.champion_alias: 'v2' is not an alias MLflow can set"),
+    ("register.champion_alias=best.one", "register.champion_alias: 'best.one' is not an alias MLflow can set"),
+    ("register.experiment=' '", "register.experiment: String should have at least 1 character"),
+])
+def test_a_name_mlflow_refuses_is_a_config_error_not_a_failure_after_training(override, says):
+    """MLflow refused these only in register, after every stage before it had run: a traceback after training."""
+    with pytest.raises(ConfigError) as err:
+        load_config("quickstart", [override])
+    assert says in str(err.value)
+
+
 def test_a_country_codecarbon_has_no_grid_for_is_a_config_error_and_case_does_not_matter():
     """codecarbon costs an unknown code (or `fra` in lower case) at the world average after one log line, which
     made a French run's CO2 about eight times too high; the code is upper-cased and checked against its data."""
