@@ -195,15 +195,18 @@ def build_tokenizer(cfg: TokenizerConfig, corpus: Corpus | list[dict[str, str]],
     kinds = {run.kind, *(c.kind for c in cfg.candidates)}
     characters = char_vocabulary(corpus)[len(SPECIALS):] if kinds & {"char", "word"} else []
     files = adopt_tokenizer(cfg.registry, cfg.from_model, out_dir, log)  # tokenizer.from_model: a registered one's
+    asked = None if files or run.kind == "char" else run.vocab_size  # char: the corpus's characters, no size asked
     if not files:
         files = [train_vocabulary(run, train_sample, characters, out_dir)]
     tokenizer = load_tokenizer(out_dir)
+    _say_if_fewer_pieces(asked, tokenizer.vocab_size, run.kind, log)
     report = fertility_report(tokenizer, fertility_sample, cfg.num_threads)
     write_json(out_dir / REPORT, report)
     _log_fertility(log, report)
     summary: dict[str, Any] = {
         "kind": run.kind,
         "vocab_size": tokenizer.vocab_size,
+        **({"vocab_size_asked": asked} if asked else {}),
         "bos_id": tokenizer.bos_id,
         "eos_id": tokenizer.eos_id,
         "fertility": report["languages"],
@@ -215,6 +218,16 @@ def build_tokenizer(cfg: TokenizerConfig, corpus: Corpus | list[dict[str, str]],
         files += comparison.pop("files")
         summary["comparison"] = comparison
     return {**summary, "files": describe_files(out_dir, files + [REPORT])}
+
+
+def _say_if_fewer_pieces(asked: int | None, made: int, kind: str, log: logging.Logger) -> None:
+    """`vocab_size` is a soft limit (SentencePiece's hard_vocab_limit=False, the word list's distinct words): a sample
+    that holds fewer pieces gives fewer, and the model is sized to them. Said, so it is not a surprise later. (A word
+    vocabulary may leave one entry free by design: each word takes two.)"""
+    if asked and made < asked - (kind == "word"):
+        log.warning("tokenizer: tokenizer.vocab_size is %d but the training sample yields %d pieces, so the model's "
+                    "vocabulary is %d; lower tokenizer.vocab_size, or learn from more text (tokenizer.train_bytes, a "
+                    "larger corpus)", asked, made, made)
 
 
 def tokenizer(cfg: TokenizerConfig, out_dir: Path, log: logging.Logger, *,

@@ -194,6 +194,18 @@ def test_sentencepiece_tokenizer_and_fertility_report(tmp_path, small_corpus):
     assert summary["vocab_size"] == 320
 
 
+def test_a_vocabulary_the_sample_cannot_fill_is_said_not_silently_shrunk(tmp_path, small_corpus, caplog):
+    """SentencePiece's vocab_size is a soft limit here (hard_vocab_limit=False): asked for more pieces than the sample
+    holds, it makes fewer, and the model is sized to those. That is now one warning naming both figures and the fix,
+    and the manifest records what was asked."""
+    caplog.set_level(logging.INFO)
+    summary = build_tokenizer(TokenizerConfig(vocab_size=60000), _records(small_corpus), tmp_path, LOG)
+    assert summary["vocab_size"] < 60000 and summary["vocab_size_asked"] == 60000
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING and "vocab_size" in r.getMessage()]
+    assert f"tokenizer.vocab_size is 60000 but the training sample yields {summary['vocab_size']} pieces" in \
+        warning.getMessage()
+
+
 def test_char_tokenizer_round_trips(tmp_path, small_corpus):
     from model.tokenizer import load_tokenizer
 
