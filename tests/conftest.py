@@ -1,10 +1,11 @@
 """Shared fixtures: a real (temporary, SQLite-backed) Prefect API and a shrunk quickstart configuration."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -66,6 +67,24 @@ def _own_synthesis_tuning_file(tmp_path_factory, monkeypatch):
     import tasks.synthesis.tuning as tuning
 
     monkeypatch.setattr(tuning, "DEFAULT_FILE", tmp_path_factory.mktemp("tuning") / "synthesize-tuning.json")
+
+
+@contextlib.contextmanager
+def temporary_mlflow_store(root: Path) -> Iterator[str]:
+    """A SQLite MLflow store under `root`, active (tracking URI and experiment) inside the block and the previous one
+    again after it. Its experiment keeps artifacts under `root` too: MLflow's default experiment would write them to
+    ./mlruns, in whatever directory the tests run from."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment(experiment_id=mlflow.MlflowClient().create_experiment(
+            "tests", artifact_location=(root / "artifacts").as_uri()))
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(before)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from model import ModelConfig, build_model
 from model.profile import activation_bytes, model_profile
 from pipeline_config.schema import ModelSection, TokenizerConfig, TrainConfig
 from tasks.stage import write_json, write_manifest
+from tests.conftest import temporary_mlflow_store
 from tasks.tokenizer import build_tokenizer
 from tasks.training.files import PROFILE
 from tasks.training.loop import train
@@ -82,17 +83,18 @@ def test_register_sends_the_grad_norm_curve_the_profile_and_the_tokenizer_compar
     trained = write_manifest(tmp_path / "train", "train", {**summary, "config": _train_config().model_dump()})
     write_json(tmp_path / "eval" / "samples.json", [])
     evaluation = write_manifest(tmp_path / "eval", "evaluate", {"metrics": {"val_bpb": 3.0, "val_loss": 2.0}})
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with mlflow.start_run() as run:
-        _log_lineage(MlflowClient(), run.info.run_id,
-                     {"tokenizer": tokenizer, "train": trained, "evaluate": evaluation}, tmp_path)
-    client = MlflowClient()
-    history = client.get_metric_history(run.info.run_id, "train/grad_norm")
+    with temporary_mlflow_store(tmp_path / "mlflow"):
+        with mlflow.start_run() as run:
+            _log_lineage(MlflowClient(), run.info.run_id,
+                         {"tokenizer": tokenizer, "train": trained, "evaluate": evaluation}, tmp_path)
+        client = MlflowClient()
+        history = client.get_metric_history(run.info.run_id, "train/grad_norm")
+        logged = {a.path for a in client.list_artifacts(run.info.run_id)} | \
+            {a.path for folder in ("plots", "tables") for a in client.list_artifacts(run.info.run_id, folder)}
+        table = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/tables/tokenizer_comparison.json"))
+    assert run.info.artifact_uri.startswith((tmp_path / "mlflow").as_uri())  # not ./mlruns where the tests run
     assert sorted(m.step for m in history) == [1, 2, 3, 4] and all(m.value > 0 for m in history)
-    logged = {a.path for a in client.list_artifacts(run.info.run_id)} | \
-        {a.path for folder in ("plots", "tables") for a in client.list_artifacts(run.info.run_id, folder)}
     assert {"profile.json", "plots/comparison.png", "tables/tokenizer_comparison.json"} <= logged
-    table = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/tables/tokenizer_comparison.json"))
     assert {"candidate", "language", "tokens_per_word", "bytes_per_token"} <= set(table["columns"])
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import warnings
 
+import mlflow
 import pytest
+
+from tests.conftest import temporary_mlflow_store
 
 
 @pytest.fixture(scope="module")
 def scoring(trained, tmp_path_factory):
-    import mlflow
     from mlflow.pyfunc import scoring_server
     from starlette.testclient import TestClient
 
@@ -21,18 +23,13 @@ def scoring(trained, tmp_path_factory):
     from tasks.register import _log_model
     from tasks.stage import Artifact
 
-    store = tmp_path_factory.mktemp("mlflow")
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
-    try:
+    with temporary_mlflow_store(tmp_path_factory.mktemp("mlflow")):
         with mlflow.start_run():
             version = _log_model(RegisterConfig(model_name="tiny"), Artifact("train", trained, ""),
                                  Artifact("tokenizer", trained / "tokenizer", ""))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model = mlflow.pyfunc.load_model(f"models:/tiny/{version}")
-    finally:
-        mlflow.set_tracking_uri(before)
     with TestClient(scoring_server.init(model)) as client:
         client.load_warnings = [str(w.message) for w in caught]
         yield client
