@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -47,6 +48,29 @@ def _missing_store(tracking_uri: str) -> str | None:
     return unreachable_server(tracking_uri)
 
 
+def _registered_version(uri: str) -> tuple[str, str] | None:
+    """(version, where its files are) for the version a `models:/NAME/VERSION` or `models:/NAME@ALIAS` URI names;
+    None where the registry has none, or for another form of URI (MLflow's own message then says what is wrong)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", uri)
+    if not match:
+        return None
+    name, number, alias = match.groups()
+    client = MlflowClient()
+    try:
+        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+        where = found.source  # models:/m-<id> (a logged model) in MLflow 3: its files are at its artifact_location
+        if where.startswith("models:/m-"):
+            where = client.get_logged_model(where.removeprefix("models:/")).artifact_location
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return found.version, where
+
+
 def _registry_files(uri: str, tracking_uri: str) -> tuple[Path, Path, Path]:
     """Download a registered version and return (weights, model config, tokenizer dir), as its MLmodel file names
     the pyfunc's artifacts."""
@@ -58,11 +82,18 @@ def _registry_files(uri: str, tracking_uri: str) -> tuple[Path, Path, Path]:
     if missing:
         raise CLIError(f"{uri}: {missing}")
     mlflow.set_tracking_uri(tracking_uri)
+    found = None
     try:
+        found = _registered_version(uri)
         root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except MlflowException as err:
-        raise CLIError(f"{uri}: not in the registry at {tracking_uri} ({err.message.splitlines()[0]}); "
-                       "`scriptorium models` lists what is there") from None
+        reason = err.message.splitlines()[0]
+        if found is None:
+            raise CLIError(f"{uri}: not in the registry at {tracking_uri} ({reason}); `scriptorium models` lists "
+                           "what is there") from None
+        version, where = found
+        raise CLIError(f"{uri}: version {version} is registered, but its files at {where} cannot be read ({reason}): "
+                       "the MLflow artifact store was moved or deleted") from None
     mlmodel = yaml.safe_load((root / "MLmodel").read_text(encoding="utf-8"))
     artifacts = mlmodel["flavors"]["python_function"].get("artifacts", {})
     try:

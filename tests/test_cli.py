@@ -225,3 +225,31 @@ def test_a_reader_that_stops_early_gets_no_traceback(trained):
     reader.stdout.close()
     err = reader.stderr.read().decode()
     assert reader.wait(timeout=300) == 1 and err == "", err[-2000:]
+
+
+def test_a_registered_version_whose_files_are_gone_is_not_called_unregistered(trained, tmp_path, capsys):
+    """The registry (SQLite) and the artifact store (files) are two places: with the files moved or deleted, the
+    command said the version was "not in the registry", which `scriptorium models` then contradicted."""
+    import shutil
+
+    import mlflow
+
+    from flows import cli
+    from pipeline_config.schema import RegisterConfig
+    from tasks.register import _log_model
+    from tasks.stage import Artifact
+    from tests.conftest import temporary_mlflow_store
+
+    with temporary_mlflow_store(tmp_path) as uri:
+        with mlflow.start_run():
+            version = _log_model(RegisterConfig(model_name="tiny"), Artifact("train", trained, ""),
+                                 Artifact("tokenizer", trained / "tokenizer", ""))
+    shutil.rmtree(tmp_path / "artifacts")
+    capsys.readouterr()
+    assert cli.main(["generate", "--model", f"models:/tiny/{version}", "--tracking-uri", uri]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: models:/tiny/{version}: version {version} is registered, but its files at ")
+    assert f"its files at {(tmp_path / 'artifacts').as_uri()}/" in err  # where they were, not models:/m-<id>
+    assert "cannot be read" in err and err.count("\n") == 1
+    assert cli.main(["generate", "--model", "models:/tiny/9", "--tracking-uri", uri]) == 1
+    assert "not in the registry" in capsys.readouterr().err
