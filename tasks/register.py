@@ -192,6 +192,7 @@ def _log_model(cfg: RegisterConfig, train: Artifact, tokenizer: Artifact) -> str
         },
         code_paths=[str(REPO_ROOT / "model")],
         signature=infer_signature(example, ["Once upon a time ..."], params=PARAMS),
+        input_example=(example, {"max_new_tokens": 8}),  # the UI's request to copy; MLflow runs it once, here
         pip_requirements=_requirements(),
         registered_model_name=cfg.model_name,
     )
