@@ -54,7 +54,9 @@ def _registered_version(uri: str) -> tuple[str, str] | None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", uri)
+    from pipeline_config.schema import REGISTRY_URI
+
+    match = re.fullmatch(REGISTRY_URI, uri)
     if not match:
         return None
     name, number, alias = match.groups()

@@ -143,10 +143,14 @@ def _country_code(value: str) -> str:
 
 CountryCode = Annotated[str, AfterValidator(_country_code)]
 
+
+# What MLflow registers (no '/' or ':') and a `models:/NAME@ALIAS` URI can carry back (no '@', no spaces).
+MODEL_NAME = r"[^/:@\s]+"
+
+
 def _model_name(value: str) -> str:
-    """What MLflow registers (no '/' or ':', not a path like '..') and a `models:/NAME@ALIAS` URI can carry back
-    (no '@', no spaces: MODEL_REF)."""
-    if not re.fullmatch(r"[^/:@\s]+", value) or value in (".", ".."):
+    """A MODEL_NAME that is not a path MLflow refuses ('.', '..')."""
+    if not re.fullmatch(MODEL_NAME, value) or value in (".", ".."):
         raise ValueError(f"'{value}' is not a name MLflow can register: use letters, digits, '-', '_' or '.', without "
                          "'/', ':', '@' or spaces")
     return value
@@ -168,8 +172,10 @@ Alias = Annotated[str, AfterValidator(_alias)]
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
 
 
+# A registered version: models:/NAME/VERSION or models:/NAME@ALIAS (groups: name, version, alias).
+REGISTRY_URI = rf"models:/({MODEL_NAME})(?:/([0-9]+)|@([A-Za-z0-9_-]+))"
 # `init_from` / `tokenizer.from_model`: a registered model of the pipeline's MLflow store (see tasks/lineage/).
-MODEL_REF = r"^(champion|models:/[^/@\s]+(/[0-9]+|@[A-Za-z0-9_-]+))$"
+MODEL_REF = rf"^(champion|{REGISTRY_URI})$"
 
 
 class RegistryRef(Section):
