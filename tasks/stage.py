@@ -51,7 +51,7 @@ LOCK = ".lock"
 # ---------------------------------------------------------------------------------------------------------- errors
 class PipelineError(Exception):
     """A failure the user can cause and fix: the message names the fix. The command line prints it as one line
-    (exit 1); Prefect retries it only when `transient` (a 5xx or 429, a dropped connection), never a 404 or a bad
+    (exit 1); Prefect retries it only when `transient` (a 5xx, 429 or 408, a dropped connection), never a 404 or a bad
     checksum, which no retry can change."""
 
     transient = False

@@ -70,19 +70,17 @@ def _own_synthesis_tuning_file(tmp_path_factory, monkeypatch):
 
 
 @contextlib.contextmanager
-def temporary_mlflow_store(root: Path) -> Iterator[str]:
-    """A SQLite MLflow store under `root`, active (tracking URI and experiment) inside the block and the previous one
-    again after it. Its experiment keeps artifacts under `root` too: MLflow's default experiment would write them to
-    ./mlruns, in whatever directory the tests run from."""
+def temporary_mlflow_store(root: Path) -> Iterator[tuple[str, str]]:
+    """(tracking URI, experiment id) of a SQLite MLflow store under `root`, the tracking URI inside the block and the
+    previous one again after it. Start runs in that experiment: it keeps artifacts under `root`, where MLflow's
+    default experiment would write them to ./mlruns, in whatever directory the tests run from."""
     import mlflow
 
     before = mlflow.get_tracking_uri()
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     try:
-        mlflow.set_experiment(experiment_id=mlflow.MlflowClient().create_experiment(
-            "tests", artifact_location=(root / "artifacts").as_uri()))
-        yield uri
+        yield uri, mlflow.MlflowClient().create_experiment("tests", artifact_location=(root / "artifacts").as_uri())
     finally:
         mlflow.set_tracking_uri(before)
 

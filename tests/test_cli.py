@@ -240,8 +240,8 @@ def test_a_registered_version_whose_files_are_gone_is_not_called_unregistered(tr
     from tasks.stage import Artifact
     from tests.conftest import temporary_mlflow_store
 
-    with temporary_mlflow_store(tmp_path) as uri:
-        with mlflow.start_run():
+    with temporary_mlflow_store(tmp_path) as (uri, experiment):
+        with mlflow.start_run(experiment_id=experiment):
             version = _log_model(RegisterConfig(model_name="tiny"), Artifact("train", trained, ""),
                                  Artifact("tokenizer", trained / "tokenizer", ""))
     shutil.rmtree(tmp_path / "artifacts")

@@ -83,8 +83,8 @@ def test_register_sends_the_grad_norm_curve_the_profile_and_the_tokenizer_compar
     trained = write_manifest(tmp_path / "train", "train", {**summary, "config": _train_config().model_dump()})
     write_json(tmp_path / "eval" / "samples.json", [])
     evaluation = write_manifest(tmp_path / "eval", "evaluate", {"metrics": {"val_bpb": 3.0, "val_loss": 2.0}})
-    with temporary_mlflow_store(tmp_path / "mlflow"):
-        with mlflow.start_run() as run:
+    with temporary_mlflow_store(tmp_path / "mlflow") as (_, experiment):
+        with mlflow.start_run(experiment_id=experiment) as run:
             _log_lineage(MlflowClient(), run.info.run_id,
                          {"tokenizer": tokenizer, "train": trained, "evaluate": evaluation}, tmp_path)
         client = MlflowClient()

@@ -25,8 +25,8 @@ def scoring(trained, tmp_path_factory):
     from tasks.register import _log_model
     from tasks.stage import Artifact
 
-    with temporary_mlflow_store(tmp_path_factory.mktemp("mlflow")):
-        with mlflow.start_run():
+    with temporary_mlflow_store(tmp_path_factory.mktemp("mlflow")) as (_, experiment):
+        with mlflow.start_run(experiment_id=experiment):
             version = _log_model(RegisterConfig(model_name="tiny"), Artifact("train", trained, ""),
                                  Artifact("tokenizer", trained / "tokenizer", ""))
         with warnings.catch_warnings(record=True) as caught:

@@ -16,8 +16,8 @@ chunked transfer's terminator) or its checksum matches: a body that simply stops
 than cached for good. Only what a retry can change is marked transient and retried (by the stage, with backoff): a
 5xx, a 429 or 408, a dropped connection, a timeout, a transfer cut short. Another 4xx or a checksum mismatch fails
 at once. Only `http` and `https` are spoken, redirects included. A file name the hub lists is a path *inside* the
-download folder or an error: `../x` and `/etc/x` are refused before anything is written.
-Credentials in a URL never reach a message.
+download folder or an error: `../x` and `/etc/x` are refused before anything is written. Credentials in a URL never
+reach a message.
 """
 from __future__ import annotations
 
