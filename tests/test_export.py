@@ -263,6 +263,20 @@ def test_f16_and_q8_0_gguf_load_and_stay_close(trained, tokenizer_dir, stream, p
             llm.close()
 
 
+def test_quantizing_prints_nothing_into_a_run_log(trained, tokenizer_dir, tmp_path, capsys, monkeypatch):
+    """llama.cpp's loader dump (a line per GGUF key, ~40) reached sys.stderr through llama-cpp-python's log callback
+    whenever nothing in the process had yet made a `Llama(verbose=False)`, and the flow's log_prints turned each line
+    into an INFO record of synthesize (which re-quantizes SmolLM2) or export."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("llama-cpp-python"), "level", logging.NOTSET)  # a fresh process's level
+    f32 = export_gguf(trained("llama-gqa-untied"), tokenizer_dir, tmp_path / "model-f32.gguf")
+    capsys.readouterr()
+    quantize_gguf(f32, tmp_path / "model-q8_0.gguf", "q8_0")
+    assert "llama_model_loader" not in capsys.readouterr().err
+    assert logging.getLogger("llama-cpp-python").level == logging.NOTSET  # left as it was
+
+
 def test_q4_k_m_needs_rows_of_256(trained, tokenizer_dir, stream, tmp_path):
     """q4_k_m on a 64-wide model: llama.cpp would fall back to q5_0/q8_0 on every tensor, so quantize_gguf refuses
     with a message naming the 256 rule and leaves no file; on a 256-wide model it writes real Q4_K tensors (llama.cpp's

@@ -249,6 +249,18 @@ def gguf_tensor_types(path: Path | str) -> dict[str, int]:
     return dict(Counter(t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors))
 
 
+def _quietly(call, *args):
+    """`call(*args)` with llama.cpp's log, as llama-cpp-python forwards it to sys.stderr, cut to its errors (what
+    `Llama(verbose=False)` does): its INFO dump of every GGUF key is noise in a run's log, its errors are not."""
+    forwarded = logging.getLogger("llama-cpp-python")
+    level = forwarded.level
+    forwarded.setLevel(max(level, logging.ERROR))
+    try:
+        return call(*args)
+    finally:
+        forwarded.setLevel(level)
+
+
 def quantize_gguf(src: Path | str, dst: Path | str, qtype: str = "q8_0") -> Path:
     """Quantize an f32/f16 GGUF with llama.cpp's own quantizer (its mixture rules included, e.g. q4_k_m keeps some
     tensors at q6_k). ExportError if llama.cpp fails, or if a k-quant fell back on every tensor (rows not a
@@ -264,7 +276,7 @@ def quantize_gguf(src: Path | str, dst: Path | str, qtype: str = "q8_0") -> Path
     params.ftype = ftypes[qtype]
     params.allow_requantize = True
     params.nthread = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+    if _quietly(llama_cpp.llama_model_quantize, str(src).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
         partial.unlink(missing_ok=True)
         raise ExportError(f"llama.cpp could not quantize {src} to {qtype}; its log above says which tensor and why")
     if qtype.endswith(("_k", "_k_m")):
