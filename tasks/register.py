@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sqlite3
 from contextlib import closing
 from pathlib import Path
@@ -53,7 +54,10 @@ class _FullDiskSaidOnce(logging.Filter):
         return raised is None or storage_errno(raised) is None
 
 
-def quiet_full_disk_tracebacks() -> None:
+def quiet_mlflow_output() -> None:
+    """A full disk said once (_FullDiskSaidOnce), and no tqdm bars ("Downloading artifacts: 100%|...") in a run's
+    log, unless MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR is set."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     db_log = logging.getLogger(MLFLOW_DB_LOGGER)
     if not any(isinstance(f, _FullDiskSaidOnce) for f in db_log.filters):
         db_log.addFilter(_FullDiskSaidOnce())
@@ -214,7 +218,7 @@ def register(cfg: RegisterConfig, out_dir: Path, log: logging.Logger, *, acquire
     uri, artifact_location = store_location(cfg, out_dir.parents[1])
     if down := unreachable_server(uri):
         raise RegisterError(f"register.tracking_uri: {down}")
-    quiet_full_disk_tracebacks()
+    quiet_mlflow_output()
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     experiment_id = _experiment(client, cfg, artifact_location)

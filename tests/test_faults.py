@@ -733,10 +733,10 @@ def test_mlflow_does_not_print_a_full_disk_traceback_before_register_says_it_in_
     other database errors are still logged as MLflow logs them."""
     import sqlite3
 
-    from tasks.register import MLFLOW_DB_LOGGER, quiet_full_disk_tracebacks
+    from tasks.register import MLFLOW_DB_LOGGER, quiet_mlflow_output
 
-    quiet_full_disk_tracebacks()
-    quiet_full_disk_tracebacks()  # once per register call: the filter is not stacked
+    quiet_mlflow_output()
+    quiet_mlflow_output()  # once per register call: the filter is not stacked
     db_log = logging.getLogger(MLFLOW_DB_LOGGER)
     assert len(db_log.filters) == 1
     seen: list[str] = []
