@@ -221,6 +221,55 @@ def test_only_5xx_429_408_dropped_connections_and_timeouts_are_retryable(tmp_pat
     assert retryable(ConnectionResetError()) and retryable(TimeoutError()) and not retryable(KeyError("bug"))
 
 
+def test_a_rate_limited_download_waits_as_long_as_the_server_asks_then_goes_on(tmp_path, caplog):
+    """A 429 or 503 with `Retry-After: N` (the hub's rate limit says how long) is waited out in place when N is a
+    minute or less: the stage's own retries come after 5 and 10 s, too soon for such a server. A longer wait is
+    not sat through: the error is transient, for the stage's retries and a later run."""
+    from tasks.corpus.download import AcquireError, download
+
+    answers = iter([(429, "1"), (503, "0"), (200, None)])
+
+    def limited(handler) -> None:
+        code, wait = next(answers)
+        body = BODY if code == 200 else b""
+        handler.send_response(code)
+        if wait is not None:
+            handler.send_header("Retry-After", wait)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    caplog.set_level(logging.INFO)
+    with _server(limited) as server:
+        download(f"{server.url}/data.jsonl", tmp_path / "data.jsonl", None, LOG, timeout=5)
+    assert (tmp_path / "data.jsonl").read_bytes() == BODY and len(server.requests) == 3
+    assert any("HTTP 429" in r.getMessage() and "asks to wait 1 s" in r.getMessage() for r in caplog.records)
+
+    def for_an_hour(handler) -> None:
+        handler.send_response(429)
+        handler.send_header("Retry-After", "3600")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    with _server(for_an_hour) as server, pytest.raises(AcquireError, match="HTTP 429") as err:
+        download(f"{server.url}/data.jsonl", tmp_path / "late.jsonl", None, LOG, timeout=5)
+    assert err.value.transient and len(server.requests) == 1
+
+    import email.message
+    import email.utils
+    import urllib.error
+
+    from tasks.corpus.download import retry_after
+
+    def asked(code: int, value: str) -> float | None:
+        headers = email.message.Message()
+        headers["Retry-After"] = value
+        return retry_after(urllib.error.HTTPError("http://x", code, "", headers, None))
+
+    assert 25 < asked(503, email.utils.formatdate(time.time() + 30, usegmt=True)) <= 30  # the HTTP-date form
+    assert asked(429, "soon") is None and asked(500, "5") is None  # unreadable, or not a status that asks to wait
+
+
 def test_only_http_and_https_are_downloaded_redirects_included(tmp_path):
     from tasks.corpus.download import AcquireError, download
 

@@ -14,22 +14,25 @@ goes to the hub only, never to the CDN it redirects to.
 Downloads are verified or refused. A body is complete only when the protocol says so (its `Content-Length`, or a
 chunked transfer's terminator) or its checksum matches: a body that simply stops, with neither, is refused rather
 than cached for good. Only what a retry can change is marked transient and retried (by the stage, with backoff): a
-5xx, a 429 or 408, a dropped connection, a timeout, a transfer cut short. Another 4xx or a checksum mismatch fails
-at once. Only `http` and `https` are spoken, redirects included. A file name the hub lists is a path *inside* the
-download folder or an error: `../x` and `/etc/x` are refused before anything is written. Credentials in a URL never
-reach a message.
+5xx, a 429 or 408, a dropped connection, a timeout, a transfer cut short (a 429 or 503 whose Retry-After asks for a
+minute or less is first waited out, in `open_url`). Another 4xx or a checksum mismatch fails at once. Only `http`
+and `https` are spoken, redirects included. A file name the hub lists is a path *inside* the download folder or an
+error: `../x` and `/etc/x` are refused before anything is written. Credentials in a URL never reach a message.
 """
 from __future__ import annotations
 
 import base64
+import email.utils
 import http.client
 import json
 import logging
 import os
 import posixpath
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +67,42 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
 
 
-def open_url(request: urllib.request.Request, timeout: float) -> Any:
-    """`urlopen` for http(s) URLs only (urllib would also read file:// and ftp://)."""
+RETRY_AFTER_MAX_S = 60.0  # a server that asks for a longer wait is left to the stage's retries and a later run
+RETRY_AFTER_TIMES = 3
+
+
+def retry_after(exc: urllib.error.HTTPError) -> float | None:
+    """The seconds a 429 or 503 asks to wait (`Retry-After`: seconds or an HTTP date), or None."""
+    value = exc.headers.get("Retry-After") if exc.code in (429, 503) and exc.headers else None
+    if value is None:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        return max((email.utils.parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds(), 0.0)
+    except (TypeError, ValueError):
+        return None
+
+
+def open_url(request: urllib.request.Request, timeout: float, log: logging.Logger | None = None) -> Any:
+    """`urlopen` for http(s) URLs only (urllib would also read file:// and ftp://). A 429 or 503 whose Retry-After
+    asks for a minute or less is waited out and asked again, up to RETRY_AFTER_TIMES times."""
     if urllib.parse.urlsplit(request.full_url).scheme not in SCHEMES:
         raise AcquireError(f"{request.full_url}: only http:// and https:// addresses can be downloaded")
-    return _OPENER.open(request, timeout=timeout)
+    waited = 0
+    while True:
+        try:
+            return _OPENER.open(request, timeout=timeout)
+        except urllib.error.HTTPError as exc:
+            wait = retry_after(exc)
+            if waited == RETRY_AFTER_TIMES or wait is None or wait > RETRY_AFTER_MAX_S:
+                raise
+            exc.close()
+            (log or logging.getLogger(__name__)).info(
+                "%s: HTTP %d, the server asks to wait %g s; asking again then", redact(request.full_url), exc.code,
+                wait)
+            time.sleep(wait)
+            waited += 1
 
 
 def url_file_name(url: str) -> str:
@@ -106,7 +140,7 @@ def download(
     if token or basic:
         request.add_unredirected_header("Authorization", f"Bearer {token}" if token else f"Basic {basic}")
     try:
-        with open_url(request, timeout) as response:
+        with open_url(request, timeout, log) as response:
             _receive(response, part, offset, url, sha256, log)
     except urllib.error.HTTPError as exc:
         if not (exc.code == 416 and offset):  # 416 with a .part file: it already holds everything
@@ -213,7 +247,7 @@ def hub_files(source: SourceConfig, out_dir: Path, log: logging.Logger) -> list[
     base = source.endpoint.rstrip("/")
     token = os.environ.get(source.token_env) or None
     revision = urllib.parse.quote(source.revision, safe="")
-    files = [e for e in _hub_listing(source, base, revision, token)
+    files = [e for e in _hub_listing(source, base, revision, token, log)
              if isinstance(e, dict) and e.get("type") == "file" and isinstance(e.get("path"), str)]
     wanted = sorted(
         (e for e in files if source.split in Path(e["path"]).name and e["path"].endswith(HUB_SUFFIXES)),
@@ -242,7 +276,8 @@ def hub_files(source: SourceConfig, out_dir: Path, log: logging.Logger) -> list[
     return paths
 
 
-def _hub_listing(source: SourceConfig, base: str, revision: str, token: str | None) -> list[Any]:
+def _hub_listing(source: SourceConfig, base: str, revision: str, token: str | None,
+                 log: logging.Logger) -> list[Any]:
     """Every entry of the dataset's recursive tree listing, following its pages."""
     url: str | None = f"{base}/api/datasets/{source.dataset}/tree/{revision}?recursive=true"
     entries: list[Any] = []
@@ -251,7 +286,7 @@ def _hub_listing(source: SourceConfig, base: str, revision: str, token: str | No
         if token:
             request.add_unredirected_header("Authorization", f"Bearer {token}")
         try:
-            with open_url(request, 60) as response:
+            with open_url(request, 60, log) as response:
                 page = json.load(response)
                 url = _next_page(response.headers.get("Link"))
             if not isinstance(page, list):
