@@ -50,7 +50,8 @@ def _missing_store(tracking_uri: str) -> str | None:
 
 def _registered_version(uri: str) -> tuple[str, str] | None:
     """(version, where its files are) for the version a `models:/NAME/VERSION` or `models:/NAME@ALIAS` URI names;
-    None where the registry has none, or for another form of URI (MLflow's own message then says what is wrong)."""
+    None where the registry has none or cannot say, or for another form of URI. Asked only once a download failed,
+    to tell a version that is not registered from one whose files are gone."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -66,10 +67,8 @@ def _registered_version(uri: str) -> tuple[str, str] | None:
         where = found.source  # models:/m-<id> (a logged model) in MLflow 3: its files are at its artifact_location
         if where.startswith("models:/m-"):
             where = client.get_logged_model(where.removeprefix("models:/")).artifact_location
-    except MlflowException as err:
-        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
+    except MlflowException:
+        return None
     return found.version, where
 
 
@@ -84,12 +83,11 @@ def _registry_files(uri: str, tracking_uri: str) -> tuple[Path, Path, Path]:
     if missing:
         raise CLIError(f"{uri}: {missing}")
     mlflow.set_tracking_uri(tracking_uri)
-    found = None
     try:
-        found = _registered_version(uri)
         root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except MlflowException as err:
         reason = err.message.splitlines()[0]
+        found = _registered_version(uri)
         if found is None:
             raise CLIError(f"{uri}: not in the registry at {tracking_uri} ({reason}); `scriptorium models` lists "
                            "what is there") from None
