@@ -146,6 +146,7 @@ CountryCode = Annotated[str, AfterValidator(_country_code)]
 
 # What MLflow registers (no '/' or ':') and a `models:/NAME@ALIAS` URI can carry back (no '@', no spaces).
 MODEL_NAME = r"[^/:@\s]+"
+ALIAS = r"[A-Za-z0-9_-]+"  # what MLflow sets as an alias (it also reserves 'latest' and v<N>: _alias)
 
 
 def _model_name(value: str) -> str:
@@ -159,7 +160,8 @@ def _model_name(value: str) -> str:
 def _alias(value: str) -> str:
     """What MLflow sets as an alias: letters, digits, '_' and '-'; 'latest' and 'v<N>' (its version aliases) are
     reserved."""
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", value) or value.lower() == "latest" or re.fullmatch(r"[vV]\d+", value):
+    reserved = value.lower() == "latest" or re.fullmatch(r"[vV]\d+", value)
+    if not re.fullmatch(ALIAS, value) or len(value) > 255 or reserved:
         raise ValueError(f"'{value}' is not an alias MLflow can set: letters, digits, '_' or '-', and not 'latest' "
                          "or v<N> (reserved)")
     return value
@@ -173,7 +175,7 @@ Seed = Annotated[int, Field(ge=0, lt=2**63)]
 
 
 # A registered version: models:/NAME/VERSION or models:/NAME@ALIAS (groups: name, version, alias).
-REGISTRY_URI = rf"models:/({MODEL_NAME})(?:/([0-9]+)|@([A-Za-z0-9_-]+))"
+REGISTRY_URI = rf"models:/({MODEL_NAME})(?:/([0-9]+)|@({ALIAS}))"
 # `init_from` / `tokenizer.from_model`: a registered model of the pipeline's MLflow store (see tasks/lineage/).
 MODEL_REF = rf"^(champion|{REGISTRY_URI})$"
 
