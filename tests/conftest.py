@@ -85,6 +85,20 @@ def temporary_mlflow_store(root: Path) -> Iterator[tuple[str, str]]:
         mlflow.set_tracking_uri(before)
 
 
+def register_tiny(trained: Path, experiment: str) -> str:
+    """The `trained` folder registered as model "tiny" by register's own `_log_model` (the pyfunc, its signature and
+    input example), in a run of `experiment` of the current store; returns the version."""
+    import mlflow
+
+    from pipeline_config.schema import RegisterConfig
+    from tasks.register import _log_model
+    from tasks.stage import Artifact
+
+    with mlflow.start_run(experiment_id=experiment):
+        return _log_model(RegisterConfig(model_name="tiny"), Artifact("train", trained, ""),
+                          Artifact("tokenizer", trained / "tokenizer", ""))
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A folder as a registered version holds it: model.safetensors, model_config.json, tokenizer/ (a tiny GPT on a

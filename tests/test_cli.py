@@ -232,18 +232,11 @@ def test_a_registered_version_whose_files_are_gone_is_not_called_unregistered(tr
     command said the version was "not in the registry", which `scriptorium models` then contradicted."""
     import shutil
 
-    import mlflow
-
     from flows import cli
-    from pipeline_config.schema import RegisterConfig
-    from tasks.register import _log_model
-    from tasks.stage import Artifact
-    from tests.conftest import temporary_mlflow_store
+    from tests.conftest import register_tiny, temporary_mlflow_store
 
     with temporary_mlflow_store(tmp_path) as (uri, experiment):
-        with mlflow.start_run(experiment_id=experiment):
-            version = _log_model(RegisterConfig(model_name="tiny"), Artifact("train", trained, ""),
-                                 Artifact("tokenizer", trained / "tokenizer", ""))
+        version = register_tiny(trained, experiment)
     shutil.rmtree(tmp_path / "artifacts")
     capsys.readouterr()
     assert cli.main(["generate", "--model", f"models:/tiny/{version}", "--tracking-uri", uri]) == 1

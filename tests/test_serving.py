@@ -11,7 +11,7 @@ import warnings
 import mlflow
 import pytest
 
-from tests.conftest import temporary_mlflow_store
+from tests.conftest import register_tiny, temporary_mlflow_store
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +21,8 @@ def scoring(trained, tmp_path_factory):
     from mlflow.pyfunc import scoring_server
     from starlette.testclient import TestClient
 
-    from pipeline_config.schema import RegisterConfig
-    from tasks.register import _log_model
-    from tasks.stage import Artifact
-
     with temporary_mlflow_store(tmp_path_factory.mktemp("mlflow")) as (_, experiment):
-        with mlflow.start_run(experiment_id=experiment):
-            version = _log_model(RegisterConfig(model_name="tiny"), Artifact("train", trained, ""),
-                                 Artifact("tokenizer", trained / "tokenizer", ""))
+        version = register_tiny(trained, experiment)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model = mlflow.pyfunc.load_model(f"models:/tiny/{version}")
