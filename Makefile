@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml patches/*.patch | cksum | cut -d' ' -f1)
 PRESET ?= quickstart
 SET ?=
+# handed to the flow whole (--sets): quotes keep a value with spaces whole, e.g. SET="register.experiment='my runs'"
+export SET
 PREFECT := $(VENV)/bin/prefect
 PREFECT_PORT ?= 4200
 # the process work pool that prefect.yaml's deployments name
@@ -36,7 +38,7 @@ browser:
 setup: $(STAMP) browser
 
 run: $(STAMP)
-	$(PY) -m flows --server --preset $(PRESET) $(foreach kv,$(SET),--set $(kv))
+	$(PY) -m flows --server --preset $(PRESET) --sets "$$SET"
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q tests

@@ -15,6 +15,7 @@ import sys
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
 from pipeline_config import ConfigError, load_config  # noqa: E402
+from pipeline_config.loader import split_overrides  # noqa: E402
 from flows.preflight import unrunnable  # noqa: E402
 
 
@@ -23,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="quickstart", help="preset name in pipeline_config/presets or a YAML path")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one knob, e.g. --set train.max_steps=300 (repeatable)")
+    parser.add_argument("--sets", default="", metavar="'KEY=VALUE ...'",
+                        help="several overrides in one string, split into words as a shell does (what `make run "
+                        "SET=...` passes); a word without KEY= continues the value before it")
     parser.add_argument("--no-wait", action="store_true",
                         help="fail at once if another run holds the artifacts directory, instead of waiting for it")
     parser.add_argument("--server", action="store_true",
@@ -36,10 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     return run(parser.parse_args(argv))
 
 
+def overrides_of(args: argparse.Namespace) -> list[str]:
+    """The `--set` overrides, then those of `--sets`, in the order they apply."""
+    return [*args.overrides, *split_overrides(args.sets)]
+
+
 def run(args: argparse.Namespace) -> int:
     """Validate the configuration, then run build-model and print its summary; the exit status."""
     try:
-        cfg = load_config(args.preset, args.overrides)
+        overrides = overrides_of(args)
+        cfg = load_config(args.preset, overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -60,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         with hold_artifacts(cfg.artifacts_dir, wait=not args.no_wait):
             from flows.build_model import build_model
 
-            summary = build_model(preset=args.preset, overrides=args.overrides)
+            summary = build_model(preset=args.preset, overrides=overrides)
     except PipelineError as exc:
         print(f"error: {redact(' '.join(str(exc).split()))}", file=sys.stderr)
         return 1

@@ -7,6 +7,8 @@ file (or `--set`) it came from and, where the schema has a closed set, the allow
 from __future__ import annotations
 
 import copy
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +125,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {text!r}: value is not valid YAML: {_yaml_problem(exc)}") from exc
     return parts, value
+
+
+_KEY = re.compile(r"[A-Za-z_][\w.-]*=")
+
+
+def split_overrides(text: str) -> list[str]:
+    """`make run SET="..."`: several KEY=VALUE overrides in one string, split into words as a shell splits them
+    (quotes keep a value whole); a word that does not start with KEY= continues the value before it, so that
+    `evaluate.prompts=[Once upon a time, The dog]` needs no quotes."""
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise ConfigError(f"SET={text!r}: {exc}") from None
+    overrides: list[str] = []
+    for word in words:
+        if overrides and not _KEY.match(word):
+            overrides[-1] += " " + word
+        else:
+            overrides.append(word)
+    return overrides
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

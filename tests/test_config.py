@@ -1,12 +1,19 @@
 """Configuration: validation before anything runs, errors that name the key and the file, presets, cache keys."""
 from __future__ import annotations
 
+import argparse
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from flows.__main__ import add_arguments, overrides_of
 from pipeline_config import ConfigError, load_config
-from pipeline_config.loader import PRESETS_DIR
+from pipeline_config.loader import PRESETS_DIR, split_overrides
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_unknown_key_names_the_key_the_file_and_the_allowed_keys(tmp_path):
@@ -98,6 +105,39 @@ def test_override_parses_yaml_values_and_extends_merges(tmp_path):
     cfg = load_config(child, ["train.learning_rate=3e-4", "evaluate.prompts=[a, b]"])
     assert cfg.train.model.n_layer == 2 and cfg.train.model.n_embd == 192  # the rest comes from quickstart
     assert cfg.train.learning_rate == 3e-4 and cfg.evaluate.prompts == ["a", "b"]
+
+
+def test_several_overrides_in_one_string_split_as_words_and_values_with_spaces_stay_whole():
+    """`make run SET="..."` hands the whole string over: quotes keep a value whole, and a word that does not start
+    with KEY= continues the value before it, so a YAML list or mapping needs no quotes."""
+    text = "train.max_steps=3 evaluate.prompts=[Once upon a time, The dog] 'register.experiment=my runs'"
+    assert split_overrides(text) == ["train.max_steps=3", "evaluate.prompts=[Once upon a time, The dog]",
+                                     "register.experiment=my runs"]
+    cfg = load_config("quickstart", split_overrides(text))
+    assert cfg.train.max_steps == 3 and cfg.register.experiment == "my runs"
+    assert cfg.evaluate.prompts == ["Once upon a time", "The dog"]
+    assert split_overrides("") == []
+    with pytest.raises(ConfigError, match="No closing quotation"):
+        split_overrides("register.experiment='my runs")
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config("quickstart", split_overrides("train.max_steps 3"))
+
+
+def test_make_run_passes_set_to_the_flow_whole(tmp_path):
+    """The Makefile's own `run` recipe, with its Python replaced by one that prints the arguments it was given."""
+    stamp = tmp_path / "stamp"
+    stamp.touch()  # newer than pyproject.toml and the patches: make does not set anything up
+    echo = f"{sys.executable} -c 'import json, sys; print(json.dumps(sys.argv[1:]))'"
+    text = "train.max_steps=3 evaluate.prompts=[Once upon a time, The dog] 'register.experiment=my runs'"
+    done = subprocess.run(["make", "-s", "-C", str(ROOT), "run", f"STAMP={stamp}", f"PY={echo}", f"SET={text}"],
+                          capture_output=True, text=True, check=True)
+    argv = json.loads(done.stdout.strip().splitlines()[-1])
+    args = argparse.ArgumentParser()
+    add_arguments(args)
+    parsed = args.parse_args(argv[argv.index("flows") + 1:])
+    assert overrides_of(parsed) == ["train.max_steps=3", "evaluate.prompts=[Once upon a time, The dog]",
+                                    "register.experiment=my runs"]
+    assert parsed.server and parsed.preset == "quickstart"
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
