@@ -4,10 +4,15 @@ GGML_FA_GQA_DECODE_OFF between two decodes of the same step), and its matmuls gi
 prefetch and without it (GGML_SGEMM_PREFETCH_OFF)."""
 from __future__ import annotations
 
+import logging
+
 import llama_cpp
+from llama_cpp import _logger
 import numpy as np
 import pytest
 
+from model.export import ExportError
+from model.export.gguf import quantize_gguf
 from pipeline_config.synthesize import SynthesizeConfig
 from tasks.synthesis.llamacpp import LlamaCppBackend
 
@@ -23,6 +28,31 @@ def test_the_installed_llama_cpp_is_the_patched_build():
     assert "+scriptorium" in llama_cpp.__version__, (
         f"llama-cpp-python {llama_cpp.__version__} is the stock build: run `python patches/install_llama_cpp.py` "
         "(make does) and read its warning")
+
+
+def test_with_verbose_off_llama_cpp_errors_reach_stderr_and_its_warnings_do_not(tmp_path, capfd):
+    """llama-cpp-python 0.3.36 maps ggml's log levels by an older enum (WARN read as ERROR, ERROR as DEBUG): with its
+    log cut to errors (`verbose=False`, or the exporter's quantizer) a warning printed and an error was hidden.
+    patches/llama-cpp-python-0.3.36-log-levels.patch maps them by this release's ggml.h, and a continued line follows
+    the level of the line it continues. (A model *load* with verbose=False stays silent: llama-cpp-python sends
+    stdout and stderr to /dev/null around it.)"""
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 28)
+    with pytest.raises(ExportError, match="its log above says"):  # the quantizer runs with the log cut to errors
+        quantize_gguf(bad, tmp_path / "q8.gguf", "q8_0")
+    err = capfd.readouterr().err
+    assert "failed to read header" in err and "failed to quantize" in err, err
+
+    forwarded = logging.getLogger("llama-cpp-python")
+    level = forwarded.level
+    forwarded.setLevel(logging.ERROR)  # what verbose=False sets
+    try:
+        for ggml_level, text in ((3, b"a warning\n"), (5, b"its continuation\n"), (4, b"an error: "),
+                                 (5, b"its continuation\n"), (2, b"an info line\n")):
+            _logger.llama_log_callback(ggml_level, text, None)
+    finally:
+        forwarded.setLevel(level)
+    assert capfd.readouterr().err == "an error: its continuation\n"
 
 
 @pytest.fixture(scope="module")
