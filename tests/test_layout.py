@@ -68,6 +68,15 @@ def test_code_identity_follows_imports_and_stops_at_other_stages():
     assert not any(name.startswith("tasks.synthesis") for name in tokenizer)  # editing a backend retrains nothing
 
 
+def test_the_config_loader_is_in_no_code_identity_but_the_schema_is():
+    """The loader turns presets and `--set` into values, and a stage's key holds its slice of those values: a change to
+    how they are read (a new option) must not re-run every stage. The schema stays in: its defaults, validators and
+    properties (e.g. acquire's `document_split`) shape what a stage does."""
+    for name in PIPELINE:
+        modules = code_modules(f"tasks.{name}")
+        assert "pipeline_config.schema" in modules and "pipeline_config.loader" not in modules, (name, modules)
+
+
 def test_code_identity_ignores_docstrings_and_comments_but_not_code(tmp_path, monkeypatch):
     import tasks.stage as stage
 
