@@ -137,7 +137,7 @@ def split_overrides(text: str) -> list[str]:
     try:
         words = shlex.split(text)
     except ValueError as exc:
-        raise ConfigError(f"SET={text!r}: {exc}") from None
+        raise ConfigError(f"--sets (make's SET) {text!r}: {exc}") from None
     overrides: list[str] = []
     for word in words:
         if overrides and not _KEY.match(word):
