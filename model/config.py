@@ -4,7 +4,7 @@ A single flat model, nanoGPT-style, so that any model is one set of keyword argu
 not use are ignored by it (documented per field) rather than split into per-arch classes, so a sweep can switch
 `arch` without touching anything else.
 
-`ModelSection` is what a preset writes under `train.model` (pipeline_config/schema.py uses it as is);
+`ModelSection` is what a preset writes under `train.model` (pipeline_config/train.py uses it as is);
 `ModelConfig` adds the vocabulary size, which comes from the tokenizer artifact, and is what `build_model` takes.
 There is no second copy of these fields or of their checks anywhere: a configuration that passes here builds.
 It is pydantic, not a dataclass, because it is the validation layer; it lives in `model/` because a registered

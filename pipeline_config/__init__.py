@@ -1,4 +1,5 @@
-"""Pipeline configuration: pydantic schema (`schema.py`), YAML presets (`presets/`) and the loader."""
+"""Pipeline configuration: a pydantic module per stage's settings, composed in `schema.py`; YAML presets (`presets/`)
+and the loader."""
 from pipeline_config.loader import ConfigError, load_config, preset_path
 from pipeline_config.schema import PipelineConfig
 

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline_config.schema import AcquireConfig, SourceConfig
+from pipeline_config.acquire import AcquireConfig, SourceConfig
 from tasks.corpus.download import AcquireError, download, hub_files, url_file_name
 from tasks.corpus.formats import FileReport, documents_from, resolve_local
 from tasks.corpus.sampling import content_hashes

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from model.tokenizer import load_tokenizer
-from pipeline_config.schema import EvaluateConfig
+from pipeline_config.evaluate import EvaluateConfig
 from tasks.corpus.reader import ShardTokens, split_languages, split_tokens
 from tasks.stage import Artifact, Stage, atomic_path, describe_files, prefect_task, write_json
 from tasks.train import MODEL_CONFIG, WEIGHTS

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model.tokenizer import load_tokenizer
-from pipeline_config.schema import ExportConfig
+from pipeline_config.export import ExportConfig
 from tasks.stage import Artifact, Stage, describe_files, prefect_task
 from tasks.train import MODEL_CONFIG, WEIGHTS
 

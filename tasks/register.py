@@ -26,7 +26,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from pipeline_config.schema import RegisterConfig
+from pipeline_config.register import RegisterConfig
 from tasks.evaluate import ATTENTION_MAP, SAMPLES
 from tasks.lineage.gate import GATE_TAG, champion_figure, record_gate, record_lineage
 from tasks.lineage.registry import unreachable_server

@@ -37,7 +37,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from model.tokenizer import load_tokenizer
-from pipeline_config.schema import ShardConfig
+from pipeline_config.shard import ShardConfig
 from tasks.corpus.reader import Chunk, Corpus
 from tasks.corpus.runner import task_mapper
 from tasks.corpus.sampling import BUCKETS, SPLIT, bucket

@@ -345,18 +345,19 @@ STAGE_MODULES = frozenset(f"tasks.{name}" for name in PIPELINE)
 # is in no stage's code identity: editing a summary table re-runs nothing.
 REPORTING = "tasks.reporting"
 # The loader reads presets and `--set` into values, and a stage's key holds its slice of those values: how they were
-# read never shapes a stage's files, so editing the loader re-runs nothing. (The schema is followed: its defaults,
-# validators and properties do shape them.)
-CONFIG_LOADER = "pipeline_config.loader"
+# read never shapes a stage's files, so editing the loader re-runs nothing. The package's __init__ only re-exports the
+# loader and the whole schema; a stage imports the module of its own settings (pipeline_config/train.py, ...), whose
+# defaults, validators and properties do shape its files and are followed.
+CONFIG_READING = frozenset({"pipeline_config", "pipeline_config.loader"})
 
 
 def _untracked(name: str) -> bool:
-    return name in STAGE_MODULES or name == CONFIG_LOADER or name == REPORTING or name.startswith(REPORTING + ".")
+    return name in STAGE_MODULES or name in CONFIG_READING or name == REPORTING or name.startswith(REPORTING + ".")
 
 
 def code_modules(module: str) -> list[str]:
     """`module` and every project module it imports, transitively, sorted; the walk stops at other stages' modules,
-    at `tasks/reporting/` (what a person sees, never what a stage writes) and at the config loader.
+    at `tasks/reporting/` (what a person sees, never what a stage writes) and at the config loader (CONFIG_READING).
 
     A stage reads another stage's output through that stage's artifact, whose fingerprint is already in its key; it
     imports the other stage's module only for file names, which the fingerprint covers too. Following those imports

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from model.tokenizer import BOS, EOS, SPECIALS, UNK, WordTokenizer, load_tokenizer
-from pipeline_config.schema import TokenizerConfig
+from pipeline_config.tokenizer import TokenizerConfig
 from tasks.corpus.reader import Corpus
 from tasks.corpus.sampling import FERTILITY_SAMPLE, TOKENIZER_SAMPLE, in_sample, language_quotas
 from tasks.lineage.registry import adopt_tokenizer, parent_identity

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline_config.schema import TrainConfig
+from pipeline_config.train import TrainConfig
 from tasks.corpus.reader import split_tokens
 from tasks.lineage.registry import parent_identity, train_input
 from tasks.stage import Artifact, Stage, atomic_path, describe_files, key_upstream, prefect_task, write_atomic, \

@@ -68,13 +68,19 @@ def test_code_identity_follows_imports_and_stops_at_other_stages():
     assert not any(name.startswith("tasks.synthesis") for name in tokenizer)  # editing a backend retrains nothing
 
 
-def test_the_config_loader_is_in_no_code_identity_but_the_schema_is():
+def test_a_stage_follows_its_own_settings_not_the_config_loader_or_other_stages_settings():
     """The loader turns presets and `--set` into values, and a stage's key holds its slice of those values: a change to
-    how they are read (a new option) must not re-run every stage. The schema stays in: its defaults, validators and
-    properties (e.g. acquire's `document_split`) shape what a stage does."""
+    how they are read (a new option) must not re-run every stage. A stage's own settings module stays in (its
+    defaults, validators and properties, e.g. acquire's `document_split`), and another stage's does not: a new train
+    knob re-runs train and what follows, never acquire."""
+    settings = {name: f"pipeline_config.{name}" for name in PIPELINE}
     for name in PIPELINE:
         modules = code_modules(f"tasks.{name}")
-        assert "pipeline_config.schema" in modules and "pipeline_config.loader" not in modules, (name, modules)
+        assert settings[name] in modules, (name, modules)
+        assert not {"pipeline_config", "pipeline_config.loader", "pipeline_config.schema"} & set(modules), name
+    assert "pipeline_config.train" not in code_modules("tasks.acquire")
+    assert "pipeline_config.acquire" not in code_modules("tasks.train")
+    assert "pipeline_config.evaluate" in code_modules("tasks.train")  # its checkpoint samples read evaluate's prompts
 
 
 def test_code_identity_ignores_docstrings_and_comments_but_not_code(tmp_path, monkeypatch):

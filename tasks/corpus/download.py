@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline_config.schema import SourceConfig
+from pipeline_config.acquire import SourceConfig
 from tasks.stage import PipelineError, file_sha256, redact, write_atomic
 
 SCHEMES = ("http", "https")

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline_config.schema import SourceConfig
+from pipeline_config.acquire import SourceConfig
 from tasks.corpus.download import AcquireError
 from tasks.stage import REPO_ROOT
 

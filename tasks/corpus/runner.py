@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from pipeline_config.schema import RunnerConfig
+from pipeline_config.shard import RunnerConfig
 from tasks.reporting.prefect_artifacts import Progress
 
 

@@ -43,7 +43,7 @@ def agreed_elapsed(started: float, world: int, device: torch.device) -> float:
 def torchrun_main(argv: list[str]) -> None:
     """`CONFIG.json SHARD_DIR OUT_DIR [TOKENIZER_DIR]`: the train stage's function on every rank; rank 0 writes the
     artifact (with the checkpoint samples when the tokenizer is given)."""
-    from pipeline_config.schema import TrainConfig
+    from pipeline_config.train import TrainConfig
     from tasks.stage import key_upstream, load_artifact, write_manifest
     from tasks.train import train_stage
 

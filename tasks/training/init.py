@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from model import ModelConfig
 from model.lora import apply_lora
-from pipeline_config.schema import TrainConfig
+from pipeline_config.train import TrainConfig
 from tasks.lineage.registry import LineageError, Parent, ParentFiles, fetch, resolve, tokenizer_digest
 from tasks.stage import Artifact
 

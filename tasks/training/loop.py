@@ -27,7 +27,7 @@ import torch.nn as nn
 from model import ModelConfig, build_model
 from model.profile import describe as describe_profile
 from model.profile import model_profile
-from pipeline_config.schema import TrainConfig
+from pipeline_config.train import TrainConfig
 from tasks.corpus.reader import ShardTokens
 from tasks.reporting.prefect_artifacts import Progress
 from tasks.stage import PipelineError, read_jsonl, write_atomic, write_json

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from pipeline_config.schema import CheckpointSamplesConfig, EvaluateConfig
+from pipeline_config.evaluate import EvaluateConfig
+from pipeline_config.train import CheckpointSamplesConfig
 from tasks.stage import read_jsonl, write_atomic
 from tasks.training.files import SAMPLES
 
