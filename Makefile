@@ -38,7 +38,7 @@ browser:
 setup: $(STAMP) browser
 
 run: $(STAMP)
-	$(PY) -m flows --server --preset $(PRESET) --sets "$$SET"
+	$(PY) -m flows --server --preset "$(PRESET)" --sets "$$SET"
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q tests

@@ -123,13 +123,14 @@ def test_several_overrides_in_one_string_split_as_words_and_values_with_spaces_s
         load_config("quickstart", split_overrides("train.max_steps 3"))
 
 
-def test_make_run_passes_set_to_the_flow_whole(tmp_path):
+def test_make_run_passes_set_and_preset_to_the_flow_whole(tmp_path):
     """The Makefile's own `run` recipe, with its Python replaced by one that prints the arguments it was given."""
     stamp = tmp_path / "stamp"
     stamp.touch()  # newer than pyproject.toml and the patches: make does not set anything up
     echo = f"{sys.executable} -c 'import json, sys; print(json.dumps(sys.argv[1:]))'"
     text = "train.max_steps=3 evaluate.prompts=[Once upon a time, The dog] 'register.experiment=my runs'"
-    done = subprocess.run(["make", "-s", "-C", str(ROOT), "run", f"STAMP={stamp}", f"PY={echo}", f"SET={text}"],
+    done = subprocess.run(["make", "-s", "-C", str(ROOT), "run", f"STAMP={stamp}", f"PY={echo}", f"SET={text}",
+                           f"PRESET={tmp_path / 'my presets' / 'fr.yaml'}"],
                           capture_output=True, text=True, check=True)
     argv = json.loads(done.stdout.strip().splitlines()[-1])
     args = argparse.ArgumentParser()
@@ -137,7 +138,7 @@ def test_make_run_passes_set_to_the_flow_whole(tmp_path):
     parsed = args.parse_args(argv[argv.index("flows") + 1:])
     assert overrides_of(parsed) == ["train.max_steps=3", "evaluate.prompts=[Once upon a time, The dog]",
                                     "register.experiment=my runs"]
-    assert parsed.server and parsed.preset == "quickstart"
+    assert parsed.server and parsed.preset == str(tmp_path / "my presets" / "fr.yaml")
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
