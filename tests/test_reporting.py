@@ -182,3 +182,17 @@ def test_the_model_card_says_what_the_model_is_and_how_it_did(lineage):
     assert f"{lineage['train'].manifest['parameters']:,} parameters" in card
     assert "| 3 | once upon a time" in card and "| 6 | once upon a time" in card  # the checkpoint evolution
     assert "d_state" not in card  # a GPT's card lists a GPT's knobs
+
+
+def test_starting_the_energy_tracker_logs_nothing_below_the_errors_it_is_asked_for(tmp_path, capfd):
+    """codecarbon applies `log_level` only after its first lines ("offline tracker init" and a WARNING that several
+    trackers may run at once), so every stage's log carried them; the tracker starts with its logger at ERROR."""
+    from tasks.training.emissions import emissions_tracker
+
+    logging.getLogger("codecarbon").setLevel(logging.INFO)  # as in a fresh process, before any tracker set it
+    tracker = emissions_tracker(True, "FRA", tmp_path)
+    tracker.start()
+    tracker.stop()
+    err = capfd.readouterr().err
+    assert "codecarbon WARNING" not in err and "codecarbon INFO" not in err, err
+    assert (tmp_path / "emissions.csv").is_file()  # it still measured
