@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml patches/*.patch | cksum |
 PRESET ?= quickstart
 SET ?=
 # handed to the flow whole (--sets): quotes keep a value with spaces whole, e.g. SET="register.experiment='my runs'"
-export SET
+# $(call quote,TEXT): TEXT as one single-quoted shell word, whatever quotes it holds
+quote = '$(subst ','\'',$(1))'
 PREFECT := $(VENV)/bin/prefect
 PREFECT_PORT ?= 4200
 # the process work pool that prefect.yaml's deployments name
@@ -38,7 +39,7 @@ browser:
 setup: $(STAMP) browser
 
 run: $(STAMP)
-	$(PY) -m flows --server --preset "$(PRESET)" --sets "$$SET"
+	$(PY) -m flows --server --preset $(call quote,$(PRESET)) --sets $(call quote,$(SET))
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q tests
