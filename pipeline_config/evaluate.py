@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from pipeline_config.common import Section, Seed
+from pipeline_config.section import Section, Seed
 
 
 class EvaluateConfig(Section):

@@ -5,7 +5,8 @@ from typing import Annotated
 
 from pydantic import Field, StringConstraints
 
-from pipeline_config.common import Alias, ModelName, Section
+from pipeline_config.registry import Alias, ModelName
+from pipeline_config.section import Section
 
 
 class RegisterConfig(Section):

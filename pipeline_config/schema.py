@@ -2,9 +2,9 @@
 
 This package is the single source of truth for configuration: presets are YAML data validated against these models,
 and each stage receives only its own slice, which is also what its cache key hashes. Each stage's section is defined
-in the module named after it (`acquire.py`, `train.py`, ...; what several share is in `common.py`), so that a stage's
-code identity follows its own settings and not every other stage's. `extra="forbid"` everywhere, so a misspelt key
-is an error that names the key rather than a silently ignored setting.
+in the module named after it (`acquire.py`, `train.py`, ...; what several share in `section.py` and `registry.py`),
+so that a stage's code identity follows its own settings and not every other stage's. `extra="forbid"` everywhere,
+so a misspelt key is an error that names the key rather than a silently ignored setting.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pydantic import Field, model_validator
 
 from model.config import ModelSection
 from pipeline_config.acquire import AcquireConfig, SourceConfig
-from pipeline_config.common import (ALIAS, MODEL_NAME, MODEL_REF, REGISTRY_URI, CountryCode, RegistryRef, Section,
-                                    Seed)
+from pipeline_config.registry import ALIAS, MODEL_NAME, MODEL_REF, REGISTRY_URI, RegistryRef
+from pipeline_config.section import CountryCode, Section, Seed
 from pipeline_config.evaluate import EvaluateConfig
 from pipeline_config.export import ExportConfig
 from pipeline_config.register import RegisterConfig

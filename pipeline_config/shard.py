@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline_config.common import Section
+from pipeline_config.section import Section
 
 
 class RunnerConfig(Section):

@@ -5,7 +5,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline_config.common import MODEL_REF, RegistryRef, Section
+from pipeline_config.registry import MODEL_REF, RegistryRef
+from pipeline_config.section import Section
 
 
 # SentencePiece with byte fallback reserves one piece per byte value plus <unk>, <s>, </s>, and needs one more for

@@ -7,7 +7,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from model.config import ModelSection
-from pipeline_config.common import MODEL_REF, CountryCode, RegistryRef, Section, Seed
+from pipeline_config.registry import MODEL_REF, RegistryRef
+from pipeline_config.section import CountryCode, Section, Seed
 
 
 class LoraConfig(Section):

@@ -93,7 +93,7 @@ def champion_figure(client: Any, cfg: Any, uri: str, current: Any, upstream: dic
                     log: logging.Logger) -> dict[str, Any]:
     """The champion version's `cfg.champion_metric` on this run's validation text; its stored figure (and why) when
     it cannot be rescored (not a model this pipeline registered)."""
-    from pipeline_config.common import RegistryRef
+    from pipeline_config.registry import RegistryRef
     from tasks.lineage.registry import LineageError, resolve
 
     stored = client.get_run(current.run_id).data.metrics.get(cfg.champion_metric)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline_config.common import RegistryRef
+from pipeline_config.registry import RegistryRef
 from tasks.stage import PipelineError, file_sha256, redact
 
 WEIGHTS_TAG = "scriptorium.weights_sha256"  # on the version: sha256 of model.safetensors
