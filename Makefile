@@ -76,5 +76,11 @@ deploy: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m flows.serve
 
+# Drops every stage's output and Prefect's result records (the next `make run` starts over), keeps artifacts/mlflow
+# (every registered version), and refuses while a run holds the artifacts directory's lock (tasks/stage.py).
 clean:
-	rm -rf artifacts/*/ artifacts/.prefect-results
+	@mkdir -p artifacts
+	@flock -n -E 75 artifacts/.lock rm -rf $(filter-out artifacts/mlflow/,$(wildcard artifacts/*/)) \
+	  artifacts/.prefect-results; status=$$?; [ $$status -ne 75 ] || \
+	  echo "error: a run holds artifacts/ ($$(cat artifacts/.lock)): wait for it to finish" >&2; exit $$status
+	@echo "removed the stage outputs in artifacts/; kept artifacts/mlflow (every registered version: delete it by hand)"

@@ -834,3 +834,28 @@ def test_prefect_retries_a_transient_error_with_backoff_and_never_a_deterministi
         run(prefect_task(Stage(name="acquire", run=deterministic, retries=3, retry_delay_seconds=0.2)),
             tmp_path / "deterministic")
     assert len(calls) == 1
+
+
+def test_make_clean_drops_stage_outputs_keeps_the_registry_and_refuses_during_a_run(tmp_path):
+    """The Makefile's own `clean` recipe, run in a copy beside its own artifacts/: it removed every directory there,
+    the MLflow store (every registered version) included, and did so under a run in progress."""
+    import shutil
+
+    from tasks.stage import hold_artifacts
+
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(REPO / name, tmp_path)
+    shutil.copytree(REPO / "patches", tmp_path / "patches")
+    artifacts = tmp_path / "artifacts"
+    for folder in ("train/0a1b", "synthesize/journal", "mlflow/artifacts", RESULTS_DIR):
+        (artifacts / folder).mkdir(parents=True)
+    (artifacts / "mlflow" / "mlflow.db").write_text("the registry")
+    clean = ["make", "-s", "-C", str(tmp_path), "clean"]
+    with hold_artifacts(artifacts):  # a run in progress
+        busy = subprocess.run(clean, capture_output=True, text=True)
+    assert busy.returncode != 0 and "a run holds" in busy.stderr, busy.stderr
+    assert (artifacts / "train" / "0a1b").is_dir()
+    done = subprocess.run(clean, capture_output=True, text=True, check=True)
+    assert sorted(p.name for p in artifacts.iterdir() if p.is_dir()) == ["mlflow"]
+    assert (artifacts / "mlflow" / "mlflow.db").read_text() == "the registry"
+    assert "kept artifacts/mlflow" in done.stdout
