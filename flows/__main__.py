@@ -14,8 +14,7 @@ import sys
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
-from pipeline_config import ConfigError, load_config  # noqa: E402
-from pipeline_config.loader import split_overrides  # noqa: E402
+from pipeline_config.loader import ConfigError, load_config, split_overrides  # noqa: E402
 from flows.preflight import unrunnable  # noqa: E402
 
 
