@@ -8,7 +8,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml patches/*.patch | cksum | cut -d' ' -f1)
 PRESET ?= quickstart
 SET ?=
-# handed to the flow whole (--sets): quotes keep a value with spaces whole, e.g. SET="register.experiment='my runs'"
+# handed to the flow whole and unexpanded (--sets): quotes keep a value with spaces whole, e.g.
+# SET="register.experiment='my runs'"
 # $(call quote,TEXT): TEXT as one single-quoted shell word, whatever quotes it holds
 quote = '$(subst ','\'',$(1))'
 PREFECT := $(VENV)/bin/prefect
@@ -39,7 +40,7 @@ browser:
 setup: $(STAMP) browser
 
 run: $(STAMP)
-	$(PY) -m flows --server --preset $(call quote,$(PRESET)) --sets $(call quote,$(SET))
+	$(PY) -m flows --server --preset $(call quote,$(PRESET)) --sets $(call quote,$(value SET))
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q tests

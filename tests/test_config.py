@@ -128,7 +128,7 @@ def test_make_run_passes_set_and_preset_to_the_flow_whole(tmp_path):
     stamp = tmp_path / "stamp"
     stamp.touch()  # newer than pyproject.toml and the patches: make does not set anything up
     echo = f"{sys.executable} -c 'import json, sys; print(json.dumps(sys.argv[1:]))'"
-    text = "train.max_steps=3 evaluate.prompts=[Once upon a time, The dog] 'register.experiment=my runs'"
+    text = "train.max_steps=3 evaluate.prompts=[Once upon a time, The dog] 'register.experiment=my $runs'"
     done = subprocess.run(["make", "-s", "-C", str(ROOT), "run", f"STAMP={stamp}", f"PY={echo}", f"SET={text}",
                            f"PRESET={tmp_path / 'my presets' / 'fr.yaml'}"],
                           capture_output=True, text=True, check=True)
@@ -137,7 +137,7 @@ def test_make_run_passes_set_and_preset_to_the_flow_whole(tmp_path):
     add_arguments(args)
     parsed = args.parse_args(argv[argv.index("flows") + 1:])
     assert overrides_of(parsed) == ["train.max_steps=3", "evaluate.prompts=[Once upon a time, The dog]",
-                                    "register.experiment=my runs"]
+                                    "register.experiment=my $runs"]  # a `$` is the user's, not make's or the shell's
     assert parsed.server and parsed.preset == str(tmp_path / "my presets" / "fr.yaml")
 
 
