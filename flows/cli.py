@@ -55,7 +55,7 @@ def _registered_version(uri: str) -> tuple[str, str] | None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from pipeline_config.schema import REGISTRY_URI
+    from pipeline_config.registry import REGISTRY_URI
 
     match = re.fullmatch(REGISTRY_URI, uri)
     if not match:
