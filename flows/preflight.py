@@ -1,9 +1,11 @@
 """What makes a valid configuration unrunnable on this machine, found before any stage runs.
 
 The schema checks a configuration on its own; these checks look outside it, at things a stage would otherwise
-discover only once the stages before it had run: the training device, and the synthesis recipe with the languages
-asked of it (a recipe is a YAML file the user may have written). `python -m flows` exits 2 on any of them, as on a
-configuration error; a deployment's run fails with the same one line before its first stage.
+discover only once the stages before it had run (or once Prefect's API had started): the training device, the
+synthesis recipe with the languages asked of it (a recipe is a YAML file the user may have written), local sources
+that match no file, and registered models named as parents (`tokenizer.from_model`, `train.init_from`) that the MLflow
+store does not hold. `python -m flows` exits 2 on any of them, as on a configuration error; a deployment's run fails
+with the same one line before its first stage.
 """
 from __future__ import annotations
 
@@ -12,10 +14,15 @@ from tasks.training import device_unavailable
 
 
 def unrunnable(cfg: PipelineConfig) -> str | None:
-    """Why `cfg` cannot run here, naming the fix, or None. Imports nothing heavy (no torch unless a GPU is named)."""
-    why = device_unavailable(cfg.train.device)
-    if why or not cfg.synthesize.n:
-        return why
+    """Why `cfg` cannot run here, naming the fix, or None. Imports nothing heavy (no torch unless a GPU is named,
+    MLflow only when a parent model is named)."""
+    return (device_unavailable(cfg.train.device) or _recipe_problem(cfg) or _missing_source(cfg)
+            or _missing_parent(cfg))
+
+
+def _recipe_problem(cfg: PipelineConfig) -> str | None:
+    if not cfg.synthesize.n:
+        return None
     from tasks.synthesis.backend import SynthesizeError
     from tasks.synthesis.recipes import check_languages, load_recipe
 
@@ -23,4 +30,35 @@ def unrunnable(cfg: PipelineConfig) -> str | None:
         check_languages(load_recipe(cfg.synthesize.recipe), cfg.synthesize.languages)
     except SynthesizeError as exc:
         return str(exc)
+    return None
+
+
+def _missing_source(cfg: PipelineConfig) -> str | None:
+    """A local source (path, directory or glob) that matches no file; HTTP and hub sources are found by acquire."""
+    from tasks.corpus.formats import AcquireError, resolve_local
+
+    for index, source in enumerate(cfg.acquire.sources):
+        if source.kind == "local":
+            try:
+                resolve_local(source.path)
+            except AcquireError as exc:
+                return f"acquire.sources[{index}]: {exc}"
+    return None
+
+
+def _missing_parent(cfg: PipelineConfig) -> str | None:
+    """A named parent model the store does not hold (`champion` while there is none is not an error: the stage
+    learns or trains from scratch)."""
+    named = [(knob, section.registry, spec) for knob, section, spec in (
+        ("tokenizer.from_model", cfg.tokenizer, cfg.tokenizer.from_model),
+        ("train.init_from", cfg.train, cfg.train.init_from)) if spec not in (None, "scratch")]
+    if not named:
+        return None
+    from tasks.lineage.registry import LineageError, resolve
+
+    for knob, ref, spec in named:
+        try:
+            resolve(ref, spec, knob)
+        except LineageError as exc:
+            return f"{knob}: {exc}"
     return None

@@ -237,7 +237,7 @@ def tokenizer(cfg: TokenizerConfig, out_dir: Path, log: logging.Logger, *,
 
 def registered_vocabulary(cfg: TokenizerConfig) -> dict[str, Any] | None:
     """The cache key's view of `from_model`: the resolved version and its digests (None when learning)."""
-    return parent_identity(cfg.registry, cfg.from_model)
+    return parent_identity(cfg.registry, cfg.from_model, "tokenizer.from_model")
 
 
 STAGE = Stage(name="tokenizer", run=tokenizer, inputs=("acquire", "synthesize"), external=registered_vocabulary)

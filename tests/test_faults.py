@@ -691,6 +691,34 @@ def test_a_story_recipe_or_language_that_is_not_there_stops_before_any_stage(tmp
     assert not root.exists()
 
 
+def test_a_local_source_or_registered_parent_that_is_not_there_stops_before_any_stage(tmp_path, capsys):
+    """A local source path that matches no file, or a `tokenizer.from_model` / `train.init_from` naming a version the
+    MLflow store does not hold, was found by acquire (after the temporary Prefect API had started) or by the tokenizer
+    stage after acquire had run (exit 1, and a hint naming train.init_from for a tokenizer.from_model error). Now
+    `python -m flows` exits 2 before Prefect starts naming the knob, and the flow fails in one line before any stage,
+    with nothing written (the MLflow store is not created by looking)."""
+    from flows.__main__ import main
+    from flows.build_model import build_model
+    from tasks.stage import PipelineError
+
+    root = tmp_path / "artifacts"
+    cases = (("acquire.sources=[{path: data/nowhere/*.txt}]", "acquire.sources[0]: local source 'data/nowhere/*.txt' "
+              "matches no"),
+             ("tokenizer.from_model=models:/scriptorium-quickstart@champion", "tokenizer.from_model: models:/"
+              "scriptorium-quickstart@champion is not in the MLflow store"),
+             ("train.init_from=models:/scriptorium-quickstart/3", "train.init_from: models:/scriptorium-quickstart/3 "
+              "is not in the MLflow store"))
+    for wrong, said in cases:
+        overrides = [f"artifacts_dir={root}", wrong]
+        assert main([x for o in overrides for x in ("--set", o)]) == 2, wrong
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1, err
+        assert ("train.init_from: scratch" in err) == wrong.startswith("train."), err
+        with pytest.raises(PipelineError, match=re.escape(said)):
+            build_model.fn("quickstart", overrides)
+    assert not root.exists()
+
+
 def test_a_deployment_run_with_a_bad_override_fails_in_one_logged_line(prefect_api, tmp_path):
     """A deployment hands its overrides to the flow itself (no `python -m flows` refuses them first): the run fails
     before any stage, and Prefect's log holds the problem as one line, not a traceback; still a ConfigError."""

@@ -36,6 +36,10 @@ class LineageError(PipelineError):
     """A parent model that cannot be used: missing, or not the same architecture or tokenizer."""
 
 
+WITHOUT_PARENT = {"train.init_from": "set train.init_from: scratch",  # each knob naming a parent: how to go without
+                  "tokenizer.from_model": "remove tokenizer.from_model (a vocabulary is then learned)"}
+
+
 @dataclass(frozen=True)
 class Parent:
     """A resolved registered model version: what a run starts from."""
@@ -109,8 +113,9 @@ def unreachable_server(uri: str, timeout: float = 10.0) -> str | None:
     return None
 
 
-def _model_version(ref: RegistryRef, spec: str) -> Any:
-    """The MLflow ModelVersion `spec` names; None for `champion` while nobody holds the alias."""
+def _model_version(ref: RegistryRef, spec: str, knob: str) -> Any:
+    """The MLflow ModelVersion `spec` names; None for `champion` while nobody holds the alias. A missing one is an
+    error saying how to go without it (`knob` is the setting that named it)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -119,7 +124,7 @@ def _model_version(ref: RegistryRef, spec: str) -> Any:
     if not store_exists(ref.tracking_uri):
         if spec == "champion":
             return None
-        raise LineageError(f"{missing} (it holds no model yet): register one first, or set train.init_from: scratch")
+        raise LineageError(f"{missing} (it holds no model yet): register one first, or {WITHOUT_PARENT[knob]}")
     down = unreachable_server(ref.tracking_uri)
     if down:
         raise LineageError(f"{spec}: {down}")
@@ -132,15 +137,15 @@ def _model_version(ref: RegistryRef, spec: str) -> Any:
         if spec == "champion":
             return None
         raise LineageError(f"{missing} ({str(exc).splitlines()[0][:160]}): name an existing version, e.g. "
-                           f"models:/{name}/1, or set train.init_from: scratch") from None
+                           f"models:/{name}/1, or {WITHOUT_PARENT[knob]}") from None
 
 
-def resolve(ref: RegistryRef | None, spec: str) -> Parent | None:
+def resolve(ref: RegistryRef | None, spec: str, knob: str = "train.init_from") -> Parent | None:
     """The parent `spec` names, or None for `champion` while there is none."""
     if ref is None:
         raise LineageError(f"{spec} needs the MLflow store to read: run it through the pipeline, or set "
                            "train.registry (tracking_uri, model_name)")
-    found = _model_version(ref, spec)
+    found = _model_version(ref, spec, knob)
     if found is None:
         return None
     weights, tokenizer = found.tags.get(WEIGHTS_TAG), found.tags.get(TOKENIZER_TAG)
@@ -186,12 +191,12 @@ def fetch(parent: Parent, dst: Path, log: logging.Logger | None = None) -> Paren
     return files
 
 
-def parent_identity(ref: RegistryRef | None, spec: str | None) -> dict[str, Any] | None:
+def parent_identity(ref: RegistryRef | None, spec: str | None, knob: str = "train.init_from") -> dict[str, Any] | None:
     """What a stage's cache key hashes for `spec`: None for none, the resolved identity, or a marker for a champion
     that does not exist yet (so the first run after one is registered is a new key)."""
     if spec in (None, "scratch"):
         return None
-    parent = resolve(ref, spec)
+    parent = resolve(ref, spec, knob)
     return {"spec": spec, "parent": parent.identity() if parent else None}
 
 
@@ -202,7 +207,7 @@ def adopt_tokenizer(ref: RegistryRef | None, spec: str | None, out_dir: Path, lo
 
     if spec is None:
         return []
-    parent = resolve(ref, spec)
+    parent = resolve(ref, spec, "tokenizer.from_model")
     if parent is None:
         log.info("tokenizer: from_model champion, but %s has no '%s' yet: learning a vocabulary", ref.model_name,
                  ref.alias)
