@@ -1,6 +1,7 @@
 """Command line: `python -m flows [--preset NAME|FILE.yaml] [--set key=value ...] [--no-wait]`.
 
-The configuration is validated before Prefect starts, so a wrong key exits with status 2 having written nothing.
+The configuration is validated before Prefect starts, so a wrong key exits with status 2 having written nothing;
+so does a Prefect API that PREFECT_API_URL names and nothing answers at.
 The artifacts directory's lock is taken before Prefect starts too: a second run on the same directory waits for the
 first, or with `--no-wait` exits at once (status 1) naming the holder. A failure the user can fix (a project error:
 a 404, a bad checksum, a diverged run, a split too short) is printed as one line with exit status 1; Ctrl-C is
@@ -15,7 +16,7 @@ import sys
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
 from pipeline_config.loader import ConfigError, load_config, split_overrides  # noqa: E402
-from flows.preflight import unrunnable  # noqa: E402
+from flows.preflight import prefect_api_down, unrunnable  # noqa: E402
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
         url = ensure_local_api(HOME)
         if url:
             os.environ["PREFECT_API_URL"] = url
+    down = prefect_api_down()
+    if down:
+        print(f"error: {down}", file=sys.stderr)
+        return 2
     from tasks.stage import PipelineError, hold_artifacts, redact
 
     try:

@@ -62,3 +62,33 @@ def _missing_parent(cfg: PipelineConfig) -> str | None:
         except LineageError as exc:
             return f"{knob}: {exc}"
     return None
+
+
+
+def prefect_api_down() -> str | None:
+    """Why the Prefect API this run is configured with (PREFECT_API_URL, from the environment or the Prefect profile)
+    cannot take it, naming the fix; None when none is configured (Prefect then starts a temporary one) or it can.
+    The check is Prefect's own (the one its client makes on a run's first request, where it would end in a 100-line
+    traceback): the API answers `/admin/version` with a version of the client's major."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return None
+    import httpx
+    from prefect.client.orchestration import get_client
+
+    from tasks.stage import redact
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.raise_for_api_version_mismatch()
+    except RuntimeError as exc:  # not reached, or a server of another major version
+        if exc.__cause__ is None:
+            return redact(f"the Prefect API at {url} (PREFECT_API_URL): {exc}")
+        why = " ".join(str(exc.__cause__).split(" - For more information")[0].split())[:200]
+        return redact(f"no Prefect API answers at {url} (PREFECT_API_URL: {why or type(exc.__cause__).__name__}): "
+                      "start it (`make server`), or unset PREFECT_API_URL to record the run in a temporary one")
+    except httpx.HTTPStatusError as exc:  # Prefect re-raises an Unauthorized reply as it came
+        return redact(f"the Prefect API at {url} (PREFECT_API_URL) refused the run: {' '.join(str(exc).split())[:200]}")
+    return None

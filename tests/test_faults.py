@@ -719,6 +719,25 @@ def test_a_local_source_or_registered_parent_that_is_not_there_stops_before_any_
     assert not root.exists()
 
 
+def test_a_prefect_api_that_does_not_answer_is_one_line_and_status_2(tmp_path):
+    """PREFECT_API_URL exported (as the README's deployment section does) but its server stopped: Prefect's client
+    died on the first request with a 100-line traceback. Now one line naming the URL and the fix, status 2, before
+    the artifacts directory is touched. The URL is a loopback port nobody listens on."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again on leaving: connections are refused
+    root = tmp_path / "artifacts"
+    env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    done = subprocess.run([sys.executable, "-m", "flows", "--set", f"artifacts_dir={root}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.startswith(f"error: no Prefect API answers at http://127.0.0.1:{port}/api (PREFECT_API_URL")
+    assert "unset PREFECT_API_URL" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not root.exists()
+
+
 def test_a_deployment_run_with_a_bad_override_fails_in_one_logged_line(prefect_api, tmp_path):
     """A deployment hands its overrides to the flow itself (no `python -m flows` refuses them first): the run fails
     before any stage, and Prefect's log holds the problem as one line, not a traceback; still a ConfigError."""
