@@ -21,6 +21,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron
 
 from flows.build_model import build_model
+from flows.preflight import prefect_api_down
 from pipeline_config import ConfigError, load_config
 
 PREFECT_YAML = Path(__file__).resolve().parent.parent / "prefect.yaml"
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timezone", help="IANA time zone of the cron, e.g. Europe/Paris (default: prefect.yaml's)")
     args = parser.parse_args(argv)
     _check(parser, args)
+    down = prefect_api_down()
+    if down:
+        parser.exit(2, f"error: {down}\n")
     deployments = []
     for spec in deployment_specs():
         parameters = {**spec.get("parameters", {}), **({"preset": args.preset} if args.preset else {})}

@@ -719,10 +719,12 @@ def test_a_local_source_or_registered_parent_that_is_not_there_stops_before_any_
     assert not root.exists()
 
 
-def test_a_prefect_api_that_does_not_answer_is_one_line_and_status_2(tmp_path):
+@pytest.mark.parametrize("command", [["flows"], ["flows.serve"]])
+def test_a_prefect_api_that_does_not_answer_is_one_line_and_status_2(tmp_path, command):
     """PREFECT_API_URL exported (as the README's deployment section does) but its server stopped: Prefect's client
-    died on the first request with a 100-line traceback. Now one line naming the URL and the fix, status 2, before
-    the artifacts directory is touched. The URL is a loopback port nobody listens on."""
+    died on the first request with a 100-line traceback (a run, or serving the deployments). Now one line naming
+    the URL and the fix, status 2, before the artifacts directory is touched. The URL is a loopback port nobody
+    listens on."""
     import socket
 
     with socket.socket() as sock:
@@ -730,8 +732,8 @@ def test_a_prefect_api_that_does_not_answer_is_one_line_and_status_2(tmp_path):
         port = sock.getsockname()[1]  # closed again on leaving: connections are refused
     root = tmp_path / "artifacts"
     env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
-    done = subprocess.run([sys.executable, "-m", "flows", "--set", f"artifacts_dir={root}"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    argv = [sys.executable, "-m", *command, *(["--set", f"artifacts_dir={root}"] if command == ["flows"] else [])]
+    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.startswith(f"error: no Prefect API answers at http://127.0.0.1:{port}/api (PREFECT_API_URL")
     assert "unset PREFECT_API_URL" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
