@@ -3,8 +3,8 @@
 The schema checks a configuration on its own; these checks look outside it, at things a stage would otherwise
 discover only once the stages before it had run (or once Prefect's API had started): the training device, the
 synthesis recipe with the languages asked of it (a recipe is a YAML file the user may have written), local sources
-that match no file, and registered models named as parents (`tokenizer.from_model`, `train.init_from`) that the MLflow
-store does not hold. `python -m flows` exits 2 on any of them, as on a configuration error; a deployment's run fails
+that match no file, an MLflow tracking server that does not answer, and registered models named as parents
+(`tokenizer.from_model`, `train.init_from`) that the MLflow store does not hold. `python -m flows` exits 2 on any of them, as on a configuration error; a deployment's run fails
 with the same one line before its first stage.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ def unrunnable(cfg: PipelineConfig) -> str | None:
     """Why `cfg` cannot run here, naming the fix, or None. Imports nothing heavy (no torch unless a GPU is named,
     MLflow only when a parent model is named)."""
     return (device_unavailable(cfg.train.device) or _recipe_problem(cfg) or _missing_source(cfg)
-            or _missing_parent(cfg))
+            or _unreachable_store(cfg) or _missing_parent(cfg))
 
 
 def _recipe_problem(cfg: PipelineConfig) -> str | None:
@@ -44,6 +44,15 @@ def _missing_source(cfg: PipelineConfig) -> str | None:
             except AcquireError as exc:
                 return f"acquire.sources[{index}]: {exc}"
     return None
+
+
+def _unreachable_store(cfg: PipelineConfig) -> str | None:
+    """An MLflow tracking server (`register.tracking_uri`) that does not answer: register would find it after
+    training."""
+    from tasks.lineage.registry import unreachable_server
+
+    down = unreachable_server(cfg.register.tracking_uri or "")
+    return f"register.tracking_uri: {down}" if down else None
 
 
 def _missing_parent(cfg: PipelineConfig) -> str | None:

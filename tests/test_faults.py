@@ -719,17 +719,34 @@ def test_a_local_source_or_registered_parent_that_is_not_there_stops_before_any_
     assert not root.exists()
 
 
+def test_an_mlflow_server_that_does_not_answer_stops_before_any_stage(tmp_path, capsys):
+    """`register.tracking_uri` naming an MLflow server that is down was found by register, after training (exit 1;
+    the trained stages cached for the re-run). Now one line naming the knob, status 2, before any stage; the flow
+    fails the same way. The server is a loopback port nobody listens on."""
+    from flows.__main__ import main
+    from flows.build_model import build_model
+    from tasks.stage import PipelineError
+    from tests.loopback import closed_port
+
+    root = tmp_path / "artifacts"
+    overrides = [f"artifacts_dir={root}", f"register.tracking_uri=http://127.0.0.1:{closed_port()}"]
+    assert main([x for o in overrides for x in ("--set", o)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: register.tracking_uri: no MLflow tracking server answers at http://127.0.0.1:"), err
+    with pytest.raises(PipelineError, match="register.tracking_uri: no MLflow tracking server answers"):
+        build_model.fn("quickstart", overrides)
+    assert not root.exists()
+
+
 @pytest.mark.parametrize("command", [["flows"], ["flows.serve"]])
 def test_a_prefect_api_that_does_not_answer_is_one_line_and_status_2(tmp_path, command):
     """PREFECT_API_URL exported (as the README's deployment section does) but its server stopped: Prefect's client
     died on the first request with a 100-line traceback (a run, or serving the deployments). Now one line naming
     the URL and the fix, status 2, before the artifacts directory is touched. The URL is a loopback port nobody
     listens on."""
-    import socket
+    from tests.loopback import closed_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again on leaving: connections are refused
+    port = closed_port()
     root = tmp_path / "artifacts"
     env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
     argv = [sys.executable, "-m", *command, *(["--set", f"artifacts_dir={root}"] if command == ["flows"] else [])]
