@@ -83,6 +83,17 @@ class PipelineConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _shards_hold_a_window(self) -> "PipelineConfig":
+        """Training draws its windows (block_size + 1 tokens) inside one shard: with smaller shards the shard stage
+        ran to its end and train then found no window at all."""
+        least = self.train.model.block_size + 2
+        if self.shard.tokens_per_shard < least:
+            raise ValueError(f"shard.tokens_per_shard ({self.shard.tokens_per_shard}) is below train.model.block_size "
+                             f"+ 2 ({least}): a training window is block_size + 1 consecutive tokens of one shard; "
+                             "raise shard.tokens_per_shard (shards of millions of tokens are usual)")
+        return self
+
+    @model_validator(mode="after")
     def _registry_for_parents(self) -> "PipelineConfig":
         """`champion` and `models:/...` are looked up in the store `register` writes to."""
         uri = self.register.tracking_uri or \

@@ -190,6 +190,16 @@ def test_a_preset_file_that_is_not_yaml_or_not_utf8_is_one_line_naming_where(tmp
         assert says in str(err.value) and "\n" not in str(err.value)
 
 
+def test_shards_smaller_than_a_training_window_are_a_config_error():
+    """Training draws each window inside one shard: `shard.tokens_per_shard=100` with quickstart's context of 128 was
+    accepted, shard wrote 3376 shards, and train then failed on 'the train split is too short'."""
+    with pytest.raises(ConfigError) as err:
+        load_config("quickstart", ["shard.tokens_per_shard=129"])
+    assert "shard.tokens_per_shard (129) is below train.model.block_size + 2 (130)" in str(err.value)
+    assert load_config("quickstart", ["shard.tokens_per_shard=130"]).shard.tokens_per_shard == 130
+    assert load_config("quickstart", ["shard.tokens_per_shard=100", "train.model.block_size=64"]).train.model
+
+
 def test_empty_prompt_lists_are_config_errors_named_where_they_were_written():
     """Evaluation and checkpoint samples index their prompts: an empty list failed inside the train stage."""
     with pytest.raises(ConfigError) as err:

@@ -30,7 +30,7 @@ class Windows:
         self.starts = np.maximum(self.tokens.sizes - block_size - 1, 0)  # valid window starts per shard
         if self.starts.sum() == 0:
             raise ValueError(f"only {self.tokens.size} tokens (largest shard {self.tokens.sizes.max(initial=0)}) for "
-                             f"a context of {block_size}: lower train.model.block_size or add data")
+                             f"a context of {block_size}")  # the caller names the fix
         self.block_size, self.seed = block_size, seed
         self.before = np.cumsum(self.starts) - self.starts  # starts in the shards before each one
 
