@@ -328,6 +328,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from tasks.lineage.registry import PARENT_TAG
+
     missing = _missing_store(args.tracking_uri)
     if missing:
         raise CLIError(missing)
@@ -347,7 +349,9 @@ def cmd_models(args: argparse.Namespace) -> int:
             metrics = client.get_run(version.run_id).data.metrics
             shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("val_bpb", "val_loss") if k in metrics)
             alias = "".join(f" @{name}" for name in aliases.get(str(version.version), []))
-            print(f"  version {version.version}{alias}: {shown}  models:/{registered.name}/{version.version}")
+            parent = version.tags.get(PARENT_TAG)  # "NAME/VERSION" it was trained from (init_from); "" for scratch
+            print(f"  version {version.version}{alias}: {shown}  models:/{registered.name}/{version.version}"
+                  f"{f'  (trained from models:/{parent})' if parent else ''}")
     return 0
 
 
