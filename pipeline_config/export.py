@@ -20,8 +20,8 @@ class ExportConfig(Section):
                                   "Modelfile)")
     temperature: float = Field(0.8, ge=0, description="the Modelfile's default sampling temperature")
     on_unsupported: Literal["skip", "error"] = Field(
-        "skip", description="a model with no exact equivalent in a format (a char-level vocabulary, say): record why "
-        "and go on, or fail the stage")
+        "skip", description="a model with no exact equivalent in a format (GGUF of a char-level vocabulary, say): "
+        "record why and go on, or fail the stage")
 
     @model_validator(mode="after")
     def _modelfile_is_made(self) -> "ExportConfig":

@@ -8,8 +8,9 @@
 The conversion itself is `model/export/` (it ships with the model, so `scriptorium export` can convert a registered
 version outside the flow). Every file is checked before the manifest is written: the f32 GGUF is loaded by llama.cpp
 and must continue a prompt greedily exactly as the PyTorch model does, so a layout mistake fails here, not in a
-user's Ollama. A model with no exact equivalent in a format (a char-level vocabulary; a Mamba-2 block whose layout
-differs from the stock one) is recorded as skipped with the reason, or fails the stage with `on_unsupported: error`.
+user's Ollama. A model with no exact equivalent in a format (GGUF of a char-level vocabulary, either format of a
+word-level one; a Mamba-2 block whose layout differs from the stock one) is recorded as skipped with the reason, or
+fails the stage with `on_unsupported: error`.
 """
 from __future__ import annotations
 

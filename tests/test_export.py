@@ -303,18 +303,40 @@ def test_q4_k_m_needs_rows_of_256(trained, tokenizer_dir, stream, tmp_path):
 # what is not exportable, and the Ollama Modelfile
 
 
-def test_char_tokenizer_is_not_exportable(trained, tmp_path):
-    """A character-level vocabulary (vocab.json) has no transformers or GGUF equivalent: both exports raise an
-    ExportError that says so, before writing any file."""
+def test_a_char_vocabulary_exports_to_transformers_and_gguf_refuses_it_with_the_reason(trained, corpus, tmp_path):
+    """The mini-llm preset's character-level vocabulary: AutoTokenizer gives CharTokenizer's ids with <s> first on
+    tricky text (each unseen character one <unk>; "<s>" written in the text is three characters, as in training) and
+    decodes as it does; the model loads and its logits match. GGUF refuses before writing a file and says why. A
+    vocab.json that is not the model's (no specials first, or more pieces than rows) is refused before writing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from model.tokenizer import CharTokenizer
+
     char_dir = tmp_path / "char"
     char_dir.mkdir()
-    (char_dir / "vocab.json").write_text(json.dumps(["<unk>", "<s>", "</s>", " ", "a", "b"]))
+    (char_dir / "vocab.json").write_text(json.dumps(CharTokenizer.vocabulary(corpus)), encoding="utf-8")
+    ours = CharTokenizer(char_dir / "vocab.json")
     model = trained("gpt-sinusoidal")
-    with pytest.raises(ExportError, match="character-level.*not exportable"):
-        export_hf(model, char_dir, tmp_path / "hf")
-    with pytest.raises(ExportError, match="character-level.*not exportable"):
+    hf_tok = AutoTokenizer.from_pretrained(export_hf(model, char_dir, tmp_path / "hf"))
+    for text in [*TRICKY, "a <s> b </s>\n\n  x", "Zürich ☃ <unk>"]:
+        ids = ours.encode([text])[0]
+        assert hf_tok(text)["input_ids"] == [ours.bos_id, *ids], text
+        assert hf_tok.decode([ours.bos_id, *ids, ours.eos_id], skip_special_tokens=True) == ours.decode(ids), text
+    assert ours.encode(["日本"])[0] == [ours.unk_id] * 2  # the unseen case is exercised
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    window = torch.tensor([[ours.bos_id, *ours.encode([" ".join(corpus)])[0][: BLOCK - 1]]])
+    with torch.no_grad():
+        theirs = hf(window).logits[0]
+    torch.testing.assert_close(theirs, full_logits(model, window), atol=1e-4, rtol=0)
+
+    with pytest.raises(ExportError, match="character-level vocabulary .* GGUF cannot carry: .*byte_to_token"):
         export_gguf(model, char_dir, tmp_path / "model.gguf")
-    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob("model.gguf*"))
+    assert not list(tmp_path.glob("model.gguf*"))
+    for wrong in (["a", "b"], CharTokenizer.vocabulary(corpus) + [chr(0x4E00 + i) for i in range(VOCAB)]):
+        (char_dir / "vocab.json").write_text(json.dumps(wrong), encoding="utf-8")
+        with pytest.raises(ExportError, match="not the character vocabulary this model was trained with"):
+            export_hf(model, char_dir, tmp_path / "hf-wrong")
+        assert not (tmp_path / "hf-wrong").exists()
 
 
 def test_a_killed_hf_export_leaves_the_previous_export_whole(trained, tokenizer_dir, tmp_path, monkeypatch):

@@ -13,7 +13,8 @@ Each architecture becomes the stock transformers class that computes the same fu
 
 The tokenizer is our SentencePiece model as a `tokenizer.json` that encodes and decodes exactly as SentencePiece does
 (BOS first), with tokenizer.model beside it for SentencePiece users (see `_write_tokenizer` for why not a plain
-`LlamaTokenizer`). A character-level vocabulary has no transformers or llama.cpp tokenizer, so it raises `ExportError`.
+`LlamaTokenizer`). A character-level vocabulary becomes a `tokenizer.json` of its own (`_write_char_tokenizer`). A
+word-level one raises `ExportError` (see `sentencepiece_file`), as does any tokenizer for GGUF but SentencePiece.
 """
 from __future__ import annotations
 
@@ -25,25 +26,45 @@ from pathlib import Path
 
 import torch
 
+from ..tokenizer import BOS, EOS, SPECIALS, UNK
 from . import ExportError
 
 SAFETENSORS = "model.safetensors"
+CHAR_SPECIALS = {name: (i, SPECIALS[i]) for name, i in (("unk", UNK), ("bos", BOS), ("eos", EOS))}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "gpt": "GPT2LMHeadModel", "mamba2": "Mamba2ForCausalLM"}
 
 
 def sentencepiece_file(tokenizer_dir: Path) -> Path:
-    """The tokenizer.model to export, or ExportError for a tokenizer that transformers and llama.cpp cannot express."""
+    """The tokenizer.model to export, or ExportError for a tokenizer that transformers or llama.cpp cannot express
+    (for transformers, `char_vocabulary` is asked first)."""
     tokenizer_dir = Path(tokenizer_dir)
     if (tokenizer_dir / "tokenizer.model").is_file():
         return tokenizer_dir / "tokenizer.model"
+    if char_vocabulary(tokenizer_dir) is not None:
+        raise ExportError(
+            f"{tokenizer_dir} holds a character-level vocabulary (vocab.json), which GGUF cannot carry: llama.cpp's "
+            "tokenizers stop the whole process (an uncaught std::out_of_range in llama_vocab::byte_to_token) on a "
+            "character outside the vocabulary unless it holds the 256 byte tokens <0x00>..<0xFF>, for which this "
+            "model has no embedding rows. The transformers folder (export.formats: [hf]) has it; train with "
+            "tokenizer.kind=sentencepiece for GGUF."
+        )
     if (tokenizer_dir / "vocab.json").is_file():
         raise ExportError(
-            f"{tokenizer_dir} holds a character-level or word-level tokenizer (vocab.json), which is not exportable: "
-            "neither transformers nor llama.cpp/GGUF has a tokenizer that maps one character (or one word, spelled in "
-            "characters when unknown) to one id with <unk> for unseen ones. Train the model with a SentencePiece "
-            "tokenizer (tokenizer.kind=sentencepiece) to export it."
+            f"{tokenizer_dir} holds a word-level vocabulary (vocab.json), which is not exportable: neither "
+            "transformers nor llama.cpp/GGUF has a tokenizer that takes a known word as one id and spells an unknown "
+            "one in characters (their BPE needs every intermediate merge in the vocabulary). Train the model with a "
+            "SentencePiece tokenizer (tokenizer.kind=sentencepiece) to export it."
         )
     raise ExportError(f"no tokenizer.model in {tokenizer_dir}: point tokenizer_dir at the tokenizer stage's output")
+
+
+def char_vocabulary(tokenizer_dir: Path) -> list[str] | None:
+    """The pieces of a character-level vocabulary (vocab.json holding a list, id = position), else None."""
+    tokenizer_dir = Path(tokenizer_dir)
+    if (tokenizer_dir / "tokenizer.model").is_file() or not (tokenizer_dir / "vocab.json").is_file():
+        return None
+    table = json.loads((tokenizer_dir / "vocab.json").read_text(encoding="utf-8"))
+    return table if isinstance(table, list) else None
 
 
 def special_ids(sp_file: Path, vocab_size: int) -> dict[str, tuple[int, str]]:
@@ -230,15 +251,51 @@ def _write_tokenizer(sp_file: Path, proto, specials: dict[str, tuple[int, str]],
     (out_dir / "special_tokens_map.json").write_text(json.dumps(tokens, indent=2) + "\n", encoding="utf-8")
 
 
+def _write_char_tokenizer(pieces: list[str], cfg, out_dir: Path) -> None:
+    """A tokenizer.json that encodes and decodes as `model.tokenizer.CharTokenizer` does: one id per character (a
+    BPE with no merges splits text into characters), <unk> for each unseen one, <s> first; decoding concatenates and
+    drops the three specials. `split_special_tokens`: the text "<s>" is three characters, as in training."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+
+    backend = Tokenizer(models.BPE(vocab={piece: i for i, piece in enumerate(pieces)}, merges=[],
+                                   unk_token=CHAR_SPECIALS["unk"][1], fuse_unk=False))
+    backend.add_special_tokens([AddedToken(piece, special=True, normalized=False)
+                                for _, piece in CHAR_SPECIALS.values()])
+    bos = CHAR_SPECIALS["bos"]
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos[1]} $A", pair=f"{bos[1]} $A {bos[1]} $B",
+                                                           special_tokens=[(bos[1], bos[0])])
+    backend.decoder = decoders.Fuse()
+    backend.save(str(out_dir / "tokenizer.json"))
+    tokens = {f"{name}_token": piece for name, (_, piece) in CHAR_SPECIALS.items()}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **tokens, "pad_token": None, "add_bos_token": True,
+              "add_eos_token": False, "clean_up_tokenization_spaces": False, "split_special_tokens": True,
+              "model_max_length": cfg.block_size}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(tokens, indent=2) + "\n", encoding="utf-8")
+
+
+def _tokenizer_writer(tokenizer_dir: Path, cfg):
+    """(specials, write(out_dir)) for the tokenizer in `tokenizer_dir`; ExportError before anything is written."""
+    pieces = char_vocabulary(tokenizer_dir)
+    if pieces is not None:
+        if pieces[: len(CHAR_SPECIALS)] != [piece for _, piece in CHAR_SPECIALS.values()] or len(pieces) > \
+                cfg.vocab_size:
+            raise ExportError(f"{tokenizer_dir}/vocab.json is not the character vocabulary this model was trained "
+                              f"with ({len(pieces)} pieces for {cfg.vocab_size} embedding rows)")
+        return CHAR_SPECIALS, lambda out_dir: _write_char_tokenizer(pieces, cfg, out_dir)
+    sp_file = sentencepiece_file(tokenizer_dir)
+    proto, specials = sentencepiece_proto(sp_file), special_ids(sp_file, cfg.vocab_size)
+    return specials, lambda out_dir: _write_tokenizer(sp_file, proto, specials, cfg, out_dir)
+
+
 def export_hf(model, tokenizer_dir: Path | str, out_dir: Path | str) -> Path:
-    """Write `model` and its SentencePiece tokenizer as a transformers folder; returns `out_dir`."""
+    """Write `model` and its tokenizer (SentencePiece or characters) as a transformers folder; returns `out_dir`."""
     import transformers
     from safetensors.torch import save_file
 
     cfg = model.config
     refuse_options(cfg)
-    sp_file = sentencepiece_file(Path(tokenizer_dir))
-    proto, specials = sentencepiece_proto(sp_file), special_ids(sp_file, cfg.vocab_size)  # refuse before writing
+    specials, write_tokenizer = _tokenizer_writer(Path(tokenizer_dir), cfg)  # refuse before writing
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Every file is written into a hidden folder inside out_dir, then renamed into place: a killed export leaves
@@ -254,7 +311,7 @@ def export_hf(model, tokenizer_dir: Path | str, out_dir: Path | str) -> Path:
         transformers.GenerationConfig(
             bos_token_id=specials["bos"][0], eos_token_id=specials["eos"][0], pad_token_id=specials["eos"][0], **limit
         ).save_pretrained(staging)
-        _write_tokenizer(sp_file, proto, specials, cfg, staging)
+        write_tokenizer(staging)
         for written in sorted(staging.iterdir()):
             os.replace(written, out_dir / written.name)
     finally:
