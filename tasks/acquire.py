@@ -89,6 +89,7 @@ class DocumentWriter:
         self.counts: Counter[str] = Counter()
         self.languages: dict[str, Counter[str]] = {}
         self.full = False
+        self.refused: tuple[int, str] | None = None  # (bytes, file) of the document the budget stopped at
 
     def offer(self, raw: list[str], language: str, origin: str) -> bool:
         texts = [t for t in map(normalize, raw) if len(t) >= self.cfg.min_chars]
@@ -100,7 +101,7 @@ class DocumentWriter:
                 continue
             size = len(text.encode("utf-8"))
             if self.cfg.byte_budget is not None and self.total + size > self.cfg.byte_budget:
-                self.full = True
+                self.full, self.refused = True, (size, origin)
                 return False
             for name, value in zip(SCHEMA.names, (text, origin, language, digest)):
                 self.rows[name].append(value)
@@ -137,7 +138,12 @@ def _read_file(path: Path, source: SourceConfig, documents: DocumentWriter, log:
                     path.name, report.replaced, source.encoding)
 
 
-def _nothing_kept(cfg: AcquireConfig, counts: Counter) -> str:
+def _nothing_kept(cfg: AcquireConfig, documents: DocumentWriter) -> str:
+    if documents.refused:
+        size, origin = documents.refused
+        return (f"acquire.byte_budget ({cfg.byte_budget} bytes) is smaller than the first document ({size} bytes, in "
+                f"{origin}): raise it")
+    counts = documents.counts
     where = ", ".join(s.path or s.url or s.dataset or s.kind for s in cfg.sources)
     return (f"acquire.sources ({redact(where)}) gave no documents: {counts['dropped_short']} shorter than "
             f"acquire.min_chars, {counts['duplicates']} duplicates; check the paths, format and min_chars")
@@ -159,7 +165,7 @@ def acquire(cfg: AcquireConfig, out_dir: Path, log: logging.Logger | None = None
                 break
         documents.flush()
         if not documents.kept:  # before the empty file is put in place: the stage fails, nothing is written
-            raise AcquireError(_nothing_kept(cfg, documents.counts))
+            raise AcquireError(_nothing_kept(cfg, documents))
     counts = documents.counts
     replaced = {key.split(":", 1)[1]: n for key, n in counts.items() if key.startswith("replaced:")}
     return {

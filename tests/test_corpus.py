@@ -156,6 +156,17 @@ def test_sources_that_give_no_document_fail_the_stage_and_write_nothing(tmp_path
         assert not (tmp_path / "out" / "documents.parquet").exists()
 
 
+def test_a_byte_budget_below_the_first_document_says_so(tmp_path):
+    """`acquire.byte_budget=10`: no document fits, and the error blamed min_chars and the paths (0 short, 0
+    duplicates) instead of the budget."""
+    (tmp_path / "a.txt").write_text("once upon a time there was a dog\n\nthe end of it all")
+    with pytest.raises(AcquireError, match=r"acquire.byte_budget \(10 bytes\) is smaller than the first document "
+                                           r"\(32 bytes, in a.txt\): raise it"):
+        acquire(AcquireConfig(sources=[SourceConfig(path=str(tmp_path / "a.txt"))], byte_budget=10), tmp_path / "out",
+                LOG)
+    assert not (tmp_path / "out" / "documents.parquet").exists()
+
+
 def test_reading_stops_at_the_byte_budget(tmp_path, monkeypatch):
     """Past the budget the file holds an invalid byte: reading it would fail, so passing proves it was not read."""
     monkeypatch.setattr(formats, "BLOCK", 1 << 12)
