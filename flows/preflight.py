@@ -4,8 +4,9 @@ The schema checks a configuration on its own; these checks look outside it, at t
 discover only once the stages before it had run (or once Prefect's API had started): the training device, the
 synthesis recipe with the languages asked of it (a recipe is a YAML file the user may have written), local sources
 that match no file, an MLflow tracking server that does not answer, and registered models named as parents
-(`tokenizer.from_model`, `train.init_from`) that the MLflow store does not hold. `python -m flows` exits 2 on any of them, as on a configuration error; a deployment's run fails
-with the same one line before its first stage.
+(`tokenizer.from_model`, `train.init_from`) that the MLflow store does not hold. `python -m flows` exits 2 on any of
+them, as on a configuration error; a deployment's run fails with the same one line before its first stage.
+`prefect_api_down` is asked before Prefect runs anything, by `python -m flows` and `python -m flows.serve`.
 """
 from __future__ import annotations
 
@@ -71,7 +72,6 @@ def _missing_parent(cfg: PipelineConfig) -> str | None:
         except LineageError as exc:
             return f"{knob}: {exc}"
     return None
-
 
 
 def prefect_api_down() -> str | None:
