@@ -59,16 +59,12 @@ def _unreachable_store(cfg: PipelineConfig) -> str | None:
 def _missing_parent(cfg: PipelineConfig) -> str | None:
     """A named parent model the store does not hold (`champion` while there is none is not an error: the stage
     learns or trains from scratch)."""
-    named = [(knob, section.registry, spec) for knob, section, spec in (
-        ("tokenizer.from_model", cfg.tokenizer, cfg.tokenizer.from_model),
-        ("train.init_from", cfg.train, cfg.train.init_from)) if spec not in (None, "scratch")]
-    if not named:
-        return None
-    from tasks.lineage.registry import LineageError, resolve
+    from tasks.lineage.registry import LineageError, parent_identity  # MLflow loads only when a parent is named
 
-    for knob, ref, spec in named:
+    for knob, section, spec in (("tokenizer.from_model", cfg.tokenizer, cfg.tokenizer.from_model),
+                                ("train.init_from", cfg.train, cfg.train.init_from)):
         try:
-            resolve(ref, spec, knob)
+            parent_identity(section.registry, spec, knob)
         except LineageError as exc:
             return f"{knob}: {exc}"
     return None
@@ -78,7 +74,8 @@ def prefect_api_down() -> str | None:
     """Why the Prefect API this run is configured with (PREFECT_API_URL, from the environment or the Prefect profile)
     cannot take it, naming the fix; None when none is configured (Prefect then starts a temporary one) or it can.
     The check is Prefect's own (the one its client makes on a run's first request, where it would end in a 100-line
-    traceback): the API answers `/admin/version` with a version of the client's major."""
+    traceback): the API answers `/admin/version` with a version of the client's major. Prefect remembers a check that
+    passed for the rest of the process, so the run does not ask again."""
     from prefect.settings import PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
@@ -91,7 +88,7 @@ def prefect_api_down() -> str | None:
 
     try:
         with get_client(sync_client=True) as client:
-            client.raise_for_api_version_mismatch()
+            client.raise_for_api_version_mismatch_once()
     except RuntimeError as exc:  # not reached, or a server of another major version
         if exc.__cause__ is None:
             return redact(f"the Prefect API at {url} (PREFECT_API_URL): {exc}")
