@@ -88,7 +88,6 @@ class DocumentWriter:
         self.pending = self.total = self.row_groups = 0
         self.counts: Counter[str] = Counter()
         self.languages: dict[str, Counter[str]] = {}
-        self.full = False
         self.refused: tuple[int, str] | None = None  # (bytes, file) of the document the budget stopped at
 
     def offer(self, raw: list[str], language: str, origin: str) -> bool:
@@ -101,7 +100,7 @@ class DocumentWriter:
                 continue
             size = len(text.encode("utf-8"))
             if self.cfg.byte_budget is not None and self.total + size > self.cfg.byte_budget:
-                self.full, self.refused = True, (size, origin)
+                self.refused = (size, origin)
                 return False
             for name, value in zip(SCHEMA.names, (text, origin, language, digest)):
                 self.rows[name].append(value)
@@ -111,6 +110,11 @@ class DocumentWriter:
             if self.pending >= self.cfg.batch_bytes:
                 self.flush()
         return True
+
+    @property
+    def full(self) -> bool:
+        """The byte budget was reached: reading stops."""
+        return self.refused is not None
 
     @property
     def kept(self) -> int:
