@@ -40,9 +40,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timezone", help="IANA time zone of the cron, e.g. Europe/Paris (default: prefect.yaml's)")
     args = parser.parse_args(argv)
     _check(parser, args)
-    down = prefect_api_down()
-    if down:
-        parser.exit(2, f"error: {down}\n")
     deployments = []
     for spec in deployment_specs():
         parameters = {**spec.get("parameters", {}), **({"preset": args.preset} if args.preset else {})}
@@ -58,6 +55,9 @@ def main(argv: list[str] | None = None) -> None:
             name=spec["name"], description=spec.get("description"), tags=spec.get("tags"),
             parameters=parameters, schedules=schedules,
         ))
+    down = prefect_api_down()  # after the arguments and presets: a mistake in them is named first
+    if down:
+        parser.exit(2, f"error: {down}\n")
     _take_over_from_work_pools([f"{build_model.name}/{deployment.name}" for deployment in deployments])
     serve(*deployments)
 
