@@ -12,6 +12,18 @@ import pytest
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "tinystories-sample" / "stories.jsonl"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _prefect_logs_to_the_session_stream():
+    """Prefect sets up logging when its API is first used (`from prefect import flow`, not `import prefect`), and its
+    console handler keeps whatever sys.stderr was then. A test with capsys that did that first (test_deployment's
+    serve test, run on its own before test_flow) left the handler writing to capsys's stream, closed when that test
+    ended, and every later flow's log line failed ('I/O operation on closed file'). Set up here, before any test's
+    capture, the handler writes to pytest's session-long stream, so the suite passes in any order."""
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """Prefect's own test harness: a real API server on a throwaway database."""
