@@ -195,8 +195,6 @@ def _describe(exc: ValidationError, origins: dict[str, Path], path: Path) -> str
     lines = []
     for error in exc.errors():
         loc = tuple(error["loc"])
-        dotted = ".".join(str(p) for p in loc) or "(top level)"
-        source = _origin(loc, origins, path)
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             allowed = _allowed_keys(PipelineConfig, loc)
@@ -205,7 +203,10 @@ def _describe(exc: ValidationError, origins: dict[str, Path], path: Path) -> str
             message = f"{message}; got {error.get('input')!r}"
         elif error["type"] == "value_error":  # our own validators' words, without pydantic's "Value error, "
             message = str(error.get("ctx", {}).get("error", message))
-        lines.append(f"{source}: {dotted}: {message}")
+        if loc:
+            lines.append(f"{_origin(loc, origins, path)}: {'.'.join(str(p) for p in loc)}: {message}")
+        else:  # a check across sections: its message names the keys
+            lines.append(f"{_named_origin(message, origins, path)}: {message}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
@@ -216,6 +217,18 @@ def _origin(loc: tuple[Any, ...], origins: dict[str, Path], path: Path) -> str:
     if inside:
         return "--set"
     return next((str(origins[k]) for k in _prefixes(loc) if k in origins), str(path))
+
+
+def _named_origin(message: str, origins: dict[str, Path], path: Path) -> str:
+    """Where the keys a check across sections names were written: --set if it wrote any of them (itself or a section
+    above it, which a --set replaces whole), else the file of the first one a file wrote."""
+    written = []
+    for name in re.findall(r"\b[a-z_]+(?:\.[a-z_]+)+\b", message):
+        parts = tuple(name.split("."))
+        if any(origins.get(k) == Path("--set") for k in _prefixes(parts)):
+            return "--set"
+        written += [origins[name]] if name in origins else []
+    return str(written[0]) if written else str(path)
 
 
 def _prefixes(loc: tuple[Any, ...]) -> list[str]:

@@ -195,9 +195,23 @@ def test_shards_smaller_than_a_training_window_are_a_config_error():
     accepted, shard wrote 3376 shards, and train then failed on 'the train split is too short'."""
     with pytest.raises(ConfigError) as err:
         load_config("quickstart", ["shard.tokens_per_shard=129"])
-    assert "shard.tokens_per_shard (129) is below train.model.block_size + 2 (130)" in str(err.value)
+    assert "--set: shard.tokens_per_shard (129) is below train.model.block_size + 2 (130)" in str(err.value)
     assert load_config("quickstart", ["shard.tokens_per_shard=130"]).shard.tokens_per_shard == 130
     assert load_config("quickstart", ["shard.tokens_per_shard=100", "train.model.block_size=64"]).train.model
+
+
+def test_a_check_across_sections_names_the_file_or_set_that_wrote_its_keys(tmp_path):
+    """Such a check fails at the top level, so the error was blamed on the preset and '(top level)' even when a --set
+    had written the key; now the source of the first key the message names (a --set before a file) is named."""
+    preset = tmp_path / "small-shards.yaml"
+    preset.write_text("extends: quickstart\nshard: {tokens_per_shard: 100}\n", encoding="utf-8")
+    cases = [(preset, [], f"{preset}: shard.tokens_per_shard (100) is below"),
+             (preset, ["train.model.block_size=200"], "--set: shard.tokens_per_shard (100) is below"),
+             ("quickstart", ["acquire.sources=[]", "synthesize.n=0"], "--set: no data: give acquire.sources")]
+    for name, overrides, says in cases:
+        with pytest.raises(ConfigError) as err:
+            load_config(name, overrides)
+        assert says in str(err.value) and "(top level)" not in str(err.value)
 
 
 def test_empty_prompt_lists_are_config_errors_named_where_they_were_written():
