@@ -175,6 +175,23 @@ def test_unreachable_hub_names_the_endpoint(tmp_path):
         acquire(AcquireConfig(sources=[source]), tmp_path, LOG)
 
 
+def test_an_http_source_nobody_answers_at_names_the_host_and_the_internet(tmp_path):
+    """Offline, the `tinystories` preset's download said '(URLError: <urlopen error [Errno -2] Name or service not
+    known>); a re-run resumes from 0 bytes'. A refused connection (a closed loopback port; this machine has no DNS to
+    fail) now names the host and what the source needs, and resuming only once there are bytes to resume from."""
+    port = closed_port()
+    url = f"http://user:secret@127.0.0.1:{port}/TinyStories.txt"
+    with pytest.raises(AcquireError) as err:
+        download(url, tmp_path / "TinyStories.txt", None, LOG, timeout=5)
+    said = str(err.value)
+    assert said.startswith(f"cannot reach 127.0.0.1:{port} (") and "Connection refused" in said, said
+    assert said.endswith("this source needs the internet (or a copy at a URL this machine can reach)"), said
+    assert "resumes" not in said and "secret" not in said and err.value.transient
+    (tmp_path / "TinyStories.txt.part").write_bytes(b"once upon")
+    with pytest.raises(AcquireError, match=r"; a re-run resumes from 9 bytes$"):
+        download(url, tmp_path / "TinyStories.txt", None, LOG, timeout=5)
+
+
 def _records(small_corpus: Path) -> list[dict[str, str]]:
     texts = [json.loads(line)["text"] for line in small_corpus.read_text().splitlines()]
     return [{"text": t, "language": "en"} for t in texts] + [

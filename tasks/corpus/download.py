@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import posixpath
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -148,8 +149,8 @@ def download(
                 from None
     except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
         size = part.stat().st_size if part.exists() else 0
-        raise AcquireError(f"download of {url} failed ({type(exc).__name__}: {exc}); a re-run resumes from {size} "
-                           "bytes", transient=True) from None
+        raise AcquireError(_failed(url, exc) + (f"; a re-run resumes from {size} bytes" if size else ""),
+                           transient=True) from None
     if sha256 is not None:
         actual = file_sha256(part)
         if actual != sha256:
@@ -159,6 +160,18 @@ def download(
     os.replace(part, dest)
     _validator_file(part).unlink(missing_ok=True)
     return dest
+
+
+def _failed(url: str, exc: BaseException) -> str:
+    """What went wrong: a host whose name does not resolve or that refuses the connection (offline, most often) is
+    named with what the source needs; a transfer that broke off is named with its error."""
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, (socket.gaierror, ConnectionRefusedError)):
+        parts = urllib.parse.urlsplit(url)
+        host = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
+        return (f"cannot reach {host} ({reason}) to download {url}: this source needs the internet (or a copy at a "
+                "URL this machine can reach)")
+    return f"download of {url} failed ({type(exc).__name__}: {exc})"
 
 
 def _validator_file(part: Path) -> Path:
