@@ -96,10 +96,26 @@ def _load_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[st
     origins: dict[str, Path] = {}
     base: dict[str, Any] = {}
     if parent is not None:
-        base, origins = _load_with_extends(preset_path(parent), (*seen, path.resolve()))
+        base, origins = _load_with_extends(_extended(parent, path), (*seen, path.resolve()))
     for dotted in _dotted_keys(data):
         origins[dotted] = path
     return _merge(base, data), origins
+
+
+def _extended(parent: Any, path: Path) -> Path:
+    """What `path` extends: a preset's name, or a YAML file beside `path` (a team keeps its presets together and runs
+    them from anywhere), else relative to the working directory, as before files beside it were looked for."""
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"{path}: extends: name a preset or a .yaml file, not {parent!r}")
+    if Path(parent).suffix not in {".yaml", ".yml"}:
+        try:
+            return preset_path(parent)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: extends: {exc}") from None
+    for candidate in (path.parent / parent, Path(parent)):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"{path}: extends: no such file {path.parent / parent}")
 
 
 def _dotted_keys(data: dict[str, Any], prefix: str = "") -> list[str]:

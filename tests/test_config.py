@@ -107,6 +107,25 @@ def test_override_parses_yaml_values_and_extends_merges(tmp_path):
     assert cfg.train.learning_rate == 3e-4 and cfg.evaluate.prompts == ["a", "b"]
 
 
+def test_extends_names_a_file_beside_the_preset_and_its_errors_name_the_preset(tmp_path, monkeypatch):
+    """`extends: base.yaml` was looked up in the working directory, so a team's presets kept together in one folder
+    broke when run from the repository (or a deployment's directory); and `extends: nope` said only "unknown preset
+    'nope'", not which file asked for it."""
+    monkeypatch.chdir(ROOT)
+    team = tmp_path / "team"
+    team.mkdir()
+    (team / "base.yaml").write_text("extends: quickstart\ntrain: {max_steps: 7}\n")
+    (team / "night.yaml").write_text("extends: base.yaml\ntrain: {learning_rate: 0.01}\n")
+    train = load_config(team / "night.yaml").train
+    assert (train.max_steps, train.learning_rate) == (7, 0.01)
+    (team / "typo.yaml").write_text("extends: nope\n")
+    (team / "gone.yaml").write_text("extends: missing.yaml\n")
+    for name, says in [("typo", "extends: unknown preset 'nope' (available: "), ("gone", "extends: no such file")]:
+        with pytest.raises(ConfigError) as err:
+            load_config(team / f"{name}.yaml")
+        assert str(err.value).startswith(f"{team / name}.yaml: {says}"), str(err.value)
+
+
 def test_several_overrides_in_one_string_split_as_words_and_values_with_spaces_stay_whole():
     """`make run SET="..."` hands the whole string over: quotes keep a value whole, and a word that does not start
     with KEY= continues the value before it, so a YAML list or mapping needs no quotes."""
