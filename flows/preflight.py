@@ -3,12 +3,15 @@
 The schema checks a configuration on its own; these checks look outside it, at things a stage would otherwise
 discover only once the stages before it had run (or once Prefect's API had started): the training device, the
 synthesis recipe with the languages asked of it (a recipe is a YAML file the user may have written), local sources
-that match no file, an MLflow tracking server that does not answer, and registered models named as parents
-(`tokenizer.from_model`, `train.init_from`) that the MLflow store does not hold. `python -m flows` exits 2 on any of
-them, as on a configuration error; a deployment's run fails with the same one line before its first stage.
+that match no file or reach into the artifacts directory, an MLflow tracking server that does not answer, and
+registered models named as parents (`tokenizer.from_model`, `train.init_from`) that the MLflow store does not hold.
+`python -m flows` exits 2 on any of them, as on a configuration error; a deployment's run fails with the same one
+line before its first stage.
 `prefect_api_down` is asked before Prefect runs anything, by `python -m flows` and `python -m flows.serve`.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 from pipeline_config import PipelineConfig
 from tasks.training import device_unavailable
@@ -17,7 +20,7 @@ from tasks.training import device_unavailable
 def unrunnable(cfg: PipelineConfig) -> str | None:
     """Why `cfg` cannot run here, naming the fix, or None. Imports nothing heavy (no torch unless a GPU is named,
     MLflow only when a parent model is named)."""
-    return (device_unavailable(cfg.train.device) or _recipe_problem(cfg) or _missing_source(cfg)
+    return (device_unavailable(cfg.train.device) or _recipe_problem(cfg) or _source_problem(cfg)
             or _unreachable_store(cfg) or _missing_parent(cfg))
 
 
@@ -34,16 +37,25 @@ def _recipe_problem(cfg: PipelineConfig) -> str | None:
     return None
 
 
-def _missing_source(cfg: PipelineConfig) -> str | None:
-    """A local source (path, directory or glob) that matches no file; HTTP and hub sources are found by acquire."""
-    from tasks.corpus.formats import AcquireError, resolve_local
+def _source_problem(cfg: PipelineConfig) -> str | None:
+    """A local source (path, directory or glob) that matches no file, or that reaches into `artifacts_dir`: the
+    pipeline would read its own output (stories, documents) back, and acquire's key, which holds the files' sizes and
+    times, would move with every run. HTTP and hub sources are found by acquire."""
+    from tasks.corpus.formats import AcquireError, local_base, resolve_local, skipped
 
+    artifacts = Path(cfg.artifacts_dir).resolve()
     for index, source in enumerate(cfg.acquire.sources):
-        if source.kind == "local":
-            try:
-                resolve_local(source.path)
-            except AcquireError as exc:
-                return f"acquire.sources[{index}]: {exc}"
+        if source.kind != "local":
+            continue
+        try:
+            files = resolve_local(source.path)
+        except AcquireError as exc:
+            return f"acquire.sources[{index}]: {exc}"
+        base = local_base(source.path).resolve()
+        holds = base.is_dir() and artifacts.is_relative_to(base) and not skipped(artifacts.relative_to(base))
+        if holds or any(f.resolve().is_relative_to(artifacts) for f in files):
+            return (f"acquire.sources[{index}]: '{source.path}' reaches into artifacts_dir ({artifacts}), so the "
+                    "pipeline would read its own output: name a folder or glob outside it, or move artifacts_dir")
     return None
 
 

@@ -719,6 +719,34 @@ def test_a_local_source_or_registered_parent_that_is_not_there_stops_before_any_
     assert not root.exists()
 
 
+def test_a_local_source_that_reaches_into_the_artifacts_directory_stops_before_any_stage(tmp_path, capsys):
+    """`path: .` (or a data folder holding artifacts_dir) read the pipeline's own stories and documents back, and
+    acquire's key moved with every run, so nothing was ever cached. A directory that holds artifacts_dir, or a glob
+    matching files in it, is now one line and status 2; a hidden artifacts_dir (skipped by a directory source) is
+    not."""
+    from flows.__main__ import main
+    from flows.preflight import unrunnable
+    from pipeline_config import load_config
+    from tests.conftest import write_small_corpus
+
+    (tmp_path / "data").mkdir()
+    corpus = write_small_corpus(tmp_path / "data" / "corpus.jsonl")
+    artifacts = tmp_path / "data" / "artifacts"
+    said = f"acquire.sources[0]: '{corpus.parent}' reaches into artifacts_dir ({artifacts}), so the pipeline would"
+    assert main(["--set", f"artifacts_dir={artifacts}", "--set", f"acquire.sources=[{{path: {corpus.parent}}}]"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {said}") and len(err.strip().splitlines()) == 1, err
+    assert not artifacts.exists()
+    earlier = artifacts / "synthesize" / "0123" / "stories.jsonl"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text(corpus.read_text(encoding="utf-8"), encoding="utf-8")
+    glob = f"{tmp_path}/data/**/*.jsonl"
+    for root, source, wrong in ((artifacts, glob, True), (tmp_path / "data" / ".artifacts", str(corpus.parent), False),
+                                (tmp_path / "out", str(corpus.parent), False), (artifacts, str(corpus), False)):
+        cfg = load_config("quickstart", [f"artifacts_dir={root}", f"acquire.sources=[{{path: '{source}'}}]"])
+        assert (unrunnable(cfg) is not None) == wrong, (root, source, unrunnable(cfg))
+
+
 def test_an_mlflow_server_that_does_not_answer_stops_before_any_stage(tmp_path, capsys):
     """`register.tracking_uri` naming an MLflow server that is down was found by register, after training (exit 1;
     the trained stages cached for the re-run). Now one line naming the knob, status 2, before any stage; the flow

@@ -46,17 +46,26 @@ def resolve_local(pattern: str) -> list[Path]:
     """Files named by a path, directory or glob; relative paths are relative to the repository root. A directory is
     read recursively, less hidden files and folders (`.git/`, `.cache/`, ...) and `__`-prefixed ones, as Hugging Face
     `datasets` does with a data directory."""
-    base = Path(pattern).expanduser()
-    if not base.is_absolute():
-        base = REPO_ROOT / base
+    base = local_base(pattern)
     if base.is_dir():
         files = [p for p in sorted(base.rglob("*")) if p.is_file() and _known_suffix(p) is not None
-                 and not any(part.startswith((".", "__")) for part in p.relative_to(base).parts)]
+                 and not skipped(p.relative_to(base))]
     else:
         files = [Path(p) for p in sorted(glob.glob(str(base), recursive=True)) if Path(p).is_file()]
     if not files:
         raise AcquireError(f"local source '{pattern}' matches no {'/'.join(FORMATS)} file (looked at {base})")
     return files
+
+
+def local_base(pattern: str) -> Path:
+    """The path, directory or glob a local source names, made absolute (relative to the repository root)."""
+    base = Path(pattern).expanduser()
+    return base if base.is_absolute() else REPO_ROOT / base
+
+
+def skipped(relative: Path) -> bool:
+    """Whether a directory source leaves out what lies at `relative` below it (hidden or `__` entries)."""
+    return any(part.startswith((".", "__")) for part in relative.parts)
 
 
 def _known_suffix(path: Path) -> str | None:
