@@ -104,7 +104,7 @@ def _load_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[st
 
 def _extended(parent: Any, path: Path) -> Path:
     """What `path` extends: a preset's name, or a YAML file beside `path` (a team keeps its presets together and runs
-    them from anywhere), else relative to the working directory, as before files beside it were looked for."""
+    them from anywhere), else one relative to the working directory (the only place looked at before)."""
     if not isinstance(parent, str) or not parent:
         raise ConfigError(f"{path}: extends: name a preset or a .yaml file, not {parent!r}")
     if Path(parent).suffix not in {".yaml", ".yml"}:
