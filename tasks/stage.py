@@ -605,9 +605,22 @@ def resolve_reference(ref: Any, root: Path) -> Artifact:
 @functools.lru_cache(maxsize=None)
 def reference_serializer() -> Any:
     """Prefect's serializer for this pipeline's results (stage references, a failed run's exception): JSON only, no
-    object hooks, so reading a record runs no code.
+    object hooks, so reading a record runs no code."""
+    return _reference_serializer_class()()
 
-    Defined on first use so that importing this module does not import Prefect (torchrun, plain tests)."""
+
+def __getattr__(name: str) -> Any:
+    """`tasks.stage.ArtifactReferenceSerializer`, built on first use so that importing this module does not import
+    Prefect (torchrun, plain tests). It is reachable by that name because a stage's task travels to Dask workers
+    (as the parent of the chunk task runs) with its serializer: cloudpickle sends a class it can find by module and
+    name as that reference, but a class local to a function by value, which Prefect's registry refuses to rebuild."""
+    if name == "ArtifactReferenceSerializer":
+        return _reference_serializer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_serializer_class() -> type:
     from prefect.serializers import Serializer
     from pydantic import Field
 
@@ -625,7 +638,8 @@ def reference_serializer() -> Any:
                 return PipelineError(f"{data['error']}: {data['message']}")
             return data
 
-    return ArtifactReferenceSerializer()
+    ArtifactReferenceSerializer.__qualname__ = ArtifactReferenceSerializer.__name__  # found as tasks.stage.<name>
+    return ArtifactReferenceSerializer
 
 
 def trusted_record(path: Path) -> bool:

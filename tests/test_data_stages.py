@@ -365,6 +365,31 @@ def test_shards_are_the_same_bytes_on_a_dask_cluster_of_two_processes(prefect_ap
     assert [(s["file"], s["sha256"]) for s in distributed["shards"]] == [(s["file"], s["sha256"]) for s in local["shards"]]
 
 
+def test_the_shard_stage_runs_on_dask_as_the_flow_runs_it(prefect_api, tmp_path):
+    """`python -m flows --set shard.runner.kind=dask` failed on every chunk: the stage's own Prefect task (the parent
+    of the chunk task runs) went to the Dask workers with its result serializer, a class defined inside a function,
+    which cloudpickle sent by value and the workers could not rebuild (Prefect's registry refused the empty class).
+    The test above called the shard function in a flow of its own, without the stage's task, so it never saw it."""
+    from prefect import flow
+
+    from tasks.shard import shard_task
+    from tasks.stage import StageRunner
+    from tests.conftest import run_stages
+
+    made = run_stages(tmp_path, ("acquire", "tokenizer"), ("acquire.batch_bytes=16000",))  # 7 chunks (row groups)
+    cfg = made["cfg"]
+    dask = cfg.shard.model_copy(update={"runner": cfg.shard.runner.model_copy(update={"kind": "dask"}),
+                                        "num_workers": 2})
+
+    @flow(name="shard-stage-on-dask")
+    def shard_stage_on_dask() -> dict:
+        run = StageRunner(made["root"], cfg.report)
+        return run(shard_task, dask, acquire=made["acquire"], synthesize=None, tokenizer=made["tokenizer"]).manifest
+
+    manifest = shard_stage_on_dask()
+    assert manifest["chunks"] >= 4 and manifest["worker_processes"] == 2 and manifest["shards"], manifest
+
+
 def test_training_windows_read_spilled_shards_and_draw_the_same_batches(tmp_path, small_corpus):
     """Training reads windows from each shard decompressed once into a private raw file: the batches are those of the
     in-memory shards, no shard is kept in memory, and the scratch directory goes with the windows."""
