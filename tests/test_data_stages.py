@@ -365,11 +365,17 @@ def test_shards_are_the_same_bytes_on_a_dask_cluster_of_two_processes(prefect_ap
     assert [(s["file"], s["sha256"]) for s in distributed["shards"]] == [(s["file"], s["sha256"]) for s in local["shards"]]
 
 
-def test_the_shard_stage_runs_on_dask_as_the_flow_runs_it(prefect_api, tmp_path):
+@pytest.mark.parametrize("existing_cluster", [False, True], ids=["its-own-cluster", "address"])
+def test_the_shard_stage_runs_on_dask_as_the_flow_runs_it(prefect_api, tmp_path, existing_cluster):
     """`python -m flows --set shard.runner.kind=dask` failed on every chunk: the stage's own Prefect task (the parent
     of the chunk task runs) went to the Dask workers with its result serializer, a class defined inside a function,
     which cloudpickle sent by value and the workers could not rebuild (Prefect's registry refused the empty class).
-    The test above called the shard function in a flow of its own, without the stage's task, so it never saw it."""
+    The test above called the shard function in a flow of its own, without the stage's task, so it never saw it.
+    Both runner forms: a cluster the runner starts, and one already running at `shard.runner.address` (here a
+    distributed.LocalCluster of two worker processes on 127.0.0.1, started by the test)."""
+    import contextlib
+
+    import distributed
     from prefect import flow
 
     from tasks.shard import shard_task
@@ -378,15 +384,22 @@ def test_the_shard_stage_runs_on_dask_as_the_flow_runs_it(prefect_api, tmp_path)
 
     made = run_stages(tmp_path, ("acquire", "tokenizer"), ("acquire.batch_bytes=16000",))  # 7 chunks (row groups)
     cfg = made["cfg"]
-    dask = cfg.shard.model_copy(update={"runner": cfg.shard.runner.model_copy(update={"kind": "dask"}),
-                                        "num_workers": 2})
+    with contextlib.ExitStack() as stack:
+        address = None
+        if existing_cluster:
+            address = stack.enter_context(distributed.LocalCluster(
+                n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1", dashboard_address=None,
+            )).scheduler_address
+        runner = cfg.shard.runner.model_copy(update={"kind": "dask", "address": address})
+        dask = cfg.shard.model_copy(update={"runner": runner, "num_workers": 2})
 
-    @flow(name="shard-stage-on-dask")
-    def shard_stage_on_dask() -> dict:
-        run = StageRunner(made["root"], cfg.report)
-        return run(shard_task, dask, acquire=made["acquire"], synthesize=None, tokenizer=made["tokenizer"]).manifest
+        @flow(name="shard-stage-on-dask")
+        def shard_stage_on_dask() -> dict:
+            run = StageRunner(made["root"], cfg.report)
+            return run(shard_task, dask, acquire=made["acquire"], synthesize=None,
+                       tokenizer=made["tokenizer"]).manifest
 
-    manifest = shard_stage_on_dask()
+        manifest = shard_stage_on_dask()
     assert manifest["chunks"] >= 4 and manifest["worker_processes"] == 2 and manifest["shards"], manifest
 
 
