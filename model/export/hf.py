@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..tokenizer import BOS, EOS, SPECIALS, UNK
+from ..tokenizer import BOS, EOS, SPECIALS, UNK, CharTokenizer, load_tokenizer
 from . import ExportError
 
 SAFETENSORS = "model.safetensors"
@@ -59,12 +59,13 @@ def sentencepiece_file(tokenizer_dir: Path) -> Path:
 
 
 def char_vocabulary(tokenizer_dir: Path) -> list[str] | None:
-    """The pieces of a character-level vocabulary (vocab.json holding a list, id = position), else None."""
-    tokenizer_dir = Path(tokenizer_dir)
-    if (tokenizer_dir / "tokenizer.model").is_file() or not (tokenizer_dir / "vocab.json").is_file():
+    """The pieces of a character-level vocabulary (id = position), else None; which kind a tokenizer directory holds
+    is `load_tokenizer`'s call, as when the model is trained and evaluated."""
+    try:
+        tokenizer = load_tokenizer(Path(tokenizer_dir))
+    except FileNotFoundError:
         return None
-    table = json.loads((tokenizer_dir / "vocab.json").read_text(encoding="utf-8"))
-    return table if isinstance(table, list) else None
+    return tokenizer.itos if isinstance(tokenizer, CharTokenizer) else None
 
 
 def special_ids(sp_file: Path, vocab_size: int) -> dict[str, tuple[int, str]]:
