@@ -3,8 +3,6 @@ re-run that trains nothing and says so, then a new file in the folder and a run 
 that re-acquires, starts from the champion's weights and records its parent and the gate's two figures."""
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 
 from tests.conftest import SAMPLE, tiny_overrides
@@ -19,7 +17,8 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def test_a_new_file_retrains_from_the_champion_and_an_unchanged_folder_trains_nothing(prefect_api, tmp_path):
+def test_a_new_file_retrains_from_the_champion_and_an_unchanged_folder_trains_nothing(prefect_api, tmp_path,
+                                                                                       capsys):
     import mlflow
 
     from flows.build_model import build_model
@@ -77,10 +76,9 @@ def test_a_new_file_retrains_from_the_champion_and_an_unchanged_folder_trains_no
     assert "models:/scriptorium-quickstart/1" in v2.description and gate["margin"] in v2.description
     from flows.cli import main as cli
 
-    listing = io.StringIO()  # not capsys: Prefect's console log handler would keep its stream after the test
-    with contextlib.redirect_stdout(listing):
-        assert cli(["models", "--tracking-uri", third["registered"]["tracking_uri"]]) == 0
-    first_line, second_line = listing.getvalue().splitlines()[1:3]  # `scriptorium models` shows the lineage
+    capsys.readouterr()
+    assert cli(["models", "--tracking-uri", third["registered"]["tracking_uri"]]) == 0
+    first_line, second_line = capsys.readouterr().out.splitlines()[1:3]  # `scriptorium models` shows the lineage
     assert first_line.startswith("  version 1") and "trained from" not in first_line
     assert second_line.startswith("  version 2")
     assert second_line.endswith("(trained from models:/scriptorium-quickstart/1)")
