@@ -10,6 +10,7 @@ one line and status 130 (the re-run resumes); a traceback means a bug.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -58,16 +59,35 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {why}", file=sys.stderr)
         return 2
 
-    if args.server and not os.environ.get("PREFECT_API_URL"):  # before Prefect is imported: it reads the setting once
-        from flows.local_api import HOME, ensure_local_api
+    try:
+        with contextlib.ExitStack() as api:
+            url = None if os.environ.get("PREFECT_API_URL") else _api_for_this_run(args.server, api)
+            if url:
+                os.environ["PREFECT_API_URL"] = url
+            down = prefect_api_down()
+            if down:
+                print(f"error: {down}", file=sys.stderr)
+                return 2
+            return _build(args, cfg, overrides)
+    except KeyboardInterrupt:  # Prefect has already marked the run Crashed; what the user needs is how to go on
+        print("interrupted: run the same command again; finished stages come from the cache and training resumes "
+              "from its last checkpoint", file=sys.stderr)
+        return 130
 
-        url = ensure_local_api(HOME)
-        if url:
-            os.environ["PREFECT_API_URL"] = url
-    down = prefect_api_down()
-    if down:
-        print(f"error: {down}", file=sys.stderr)
-        return 2
+
+def _api_for_this_run(server: bool, api: contextlib.ExitStack) -> str | None:
+    """The Prefect API to record this run in, where PREFECT_API_URL names none: with `--server`, the local one
+    (found or started, flows/local_api.py); otherwise, or if that does not answer, a temporary one that `api` stops.
+    None: Prefect starts its own temporary API (it did not answer in time, or Prefect was imported already, so its
+    settings are read and a URL set now would not be seen)."""
+    from flows.local_api import HOME, ensure_local_api, temporary_api
+
+    if "prefect" in sys.modules:  # `main()` called in a process that uses Prefect already (a test)
+        return None
+    return (ensure_local_api(HOME) if server else None) or api.enter_context(temporary_api())
+
+
+def _build(args: argparse.Namespace, cfg, overrides: list[str]) -> int:
     from tasks.stage import PipelineError, hold_artifacts, redact
 
     try:
@@ -78,10 +98,6 @@ def run(args: argparse.Namespace) -> int:
     except PipelineError as exc:
         print(f"error: {redact(' '.join(str(exc).split()))}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Prefect has already marked the run Crashed; what the user needs is how to go on
-        print("interrupted: run the same command again; finished stages come from the cache and training resumes "
-              "from its last checkpoint", file=sys.stderr)
-        return 130
     _print_summary(summary)
     return 0
 

@@ -1,16 +1,23 @@
 """A local Prefect API that `make run` starts once and re-uses, so a cached re-run does not wait for a server.
 
-Without `PREFECT_API_URL` every `python -m flows` starts Prefect's temporary API (a uvicorn subprocess that migrates
-its SQLite database, ~5-8 s on 2 cores, and on a busy machine sometimes more than Prefect's 20 s startup limit) and
-stops it at exit. `python -m flows --server` instead talks to a server that outlives the run:
+Without `PREFECT_API_URL` every `python -m flows` starts a temporary API (a uvicorn subprocess that migrates its
+SQLite database, ~5-8 s on 2 cores, and on a busy machine sometimes more than Prefect's 20 s startup limit) and stops
+it at exit. `python -m flows --server` instead talks to a server that outlives the run:
 
 - the API recorded in `.prefect/local-api.json` is used as it is if it answers `/health`;
 - otherwise one is started detached (its own session, so Ctrl-C on a run does not stop it), bound to 127.0.0.1 on a
   free port, with its database in `.prefect/` (PREFECT_HOME, git-ignored: the same database `make server` shows in
   its UI), its log in `.prefect/local-api.log`, and recorded in `.prefect/local-api.json`. (A port is not probed
   for someone else's server: an API that answers there may keep its runs in another database.)
-- if it does not answer within `START_TIMEOUT_S`, the run goes on with the temporary API, as before;
+- if it does not answer within `START_TIMEOUT_S`, the run goes on with a temporary API, as without `--server`;
 - runs starting at once take turns on `.prefect/local-api.lock`, so one server is started, not one each.
+
+Without `--server`, a run's temporary API is started here too (`temporary_api`), not by Prefect: Prefect starts its
+temporary server in the run's process group, so Ctrl-C in a terminal (which signals the whole group) killed it with
+the run, and the run then spent minutes retrying it to record the crash, printing tracebacks; and a run killed with
+SIGKILL left it running for good. This one runs in its own process group, is stopped when the run ends, and stops
+itself when the run's process is gone (it watches its parent). Its database is Prefect's temporary one (in
+PREFECT_HOME, where Prefect's would have kept the run). If it does not answer in time, Prefect starts its own.
 
 The runs are recorded by Prefect either way. `python -m flows.local_api stop` stops the server this started (the pid
 in the record is signalled only while it is still that server: after a reboot it may be anyone's). Only the standard
@@ -20,6 +27,7 @@ once, on import; and it must cost nothing when the server is up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import importlib.util
 import json
@@ -31,6 +39,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 HOST = "127.0.0.1"
 HOME = Path(__file__).resolve().parent.parent / ".prefect"  # what `python -m flows --server` uses
@@ -102,6 +111,71 @@ def _find_or_start(home: Path) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def temporary_api() -> Iterator[str | None]:
+    """A Prefect API for one run: its URL while the `with` block runs (None if it did not answer in time: then
+    Prefect starts its own), stopped when the block ends. See the module's docstring for why not Prefect's own."""
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # what Prefect gives its temporary server
+    env.pop("PREFECT_API_URL", None)
+    root = str(Path(__file__).resolve().parent.parent)  # this checkout, installed or not
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))
+    port = _free_port()
+    command = [sys.executable, "-m", "flows.local_api", "serve", "--port", str(port), "--parent", str(os.getpid())]
+    process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, process_group=0)  # out of Ctrl-C's reach
+    url = f"http://{HOST}:{port}/api"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not healthy(url) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not healthy(url):
+            yield None
+            return
+        print(f"Prefect: a temporary API for this run on {url} (`--server` keeps one between runs)", file=sys.stderr)
+        yield url
+    finally:
+        _drain_prefect()
+        _end(process)
+
+
+def _drain_prefect() -> None:
+    """Send what Prefect still holds for the API (log lines, events) while the API is there: its workers flush at
+    interpreter exit otherwise, after the API has stopped, and retry it for minutes ('Error logging to API')."""
+    if "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=30)
+
+
+def _end(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _serve(port: int, parent: int) -> None:
+    """Run the API (uvicorn, as Prefect runs its temporary server) until SIGTERM or until `parent` is gone."""
+    import threading
+
+    import uvicorn
+
+    def watch() -> None:
+        while os.getppid() == parent:  # a dead parent's children are handed to another process
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's own shutdown
+
+    threading.Thread(target=watch, daemon=True).start()
+    uvicorn.run(APP, factory=True, host=HOST, port=port, log_level="error", lifespan="on")
+
+
 def _is_the_server(pid: int, url: str) -> bool:
     try:
         return APP.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -129,10 +203,16 @@ def stop(home: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.local_api", description=__doc__.splitlines()[0])
-    parser.add_argument("action", nargs="?", choices=("start", "stop"), default="start",
-                        help="start: find or start the API and print its URL; stop: stop the one started here")
+    parser.add_argument("action", nargs="?", choices=("start", "stop", "serve"), default="start",
+                        help="start: find or start the API and print its URL; stop: stop the one started here; serve: "
+                        "(what temporary_api runs) serve an API on --port until --parent is gone")
     parser.add_argument("--home", type=Path, default=HOME, help=f"its PREFECT_HOME (default: {HOME})")
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--parent", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.action == "serve":
+        _serve(args.port, args.parent)
+        return 0
     home = args.home.resolve()
     if args.action == "stop":
         print("stopped" if stop(home) else f"no local API recorded in {home}")

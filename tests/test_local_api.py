@@ -137,3 +137,67 @@ def test_the_command_line_starts_and_stops_the_api_of_the_home_it_is_given(tmp_p
         stopped = subprocess.run([*command, "stop", "--home", str(home)], timeout=60, **run)
     assert stopped.stdout.strip() == "stopped" and not (home / local_api.RECORD).exists()
     assert local_api.HOME == REPO / ".prefect"  # the default: what `python -m flows --server` uses, from any directory
+
+
+def _run_until_training(tmp_path: Path, small_corpus: Path) -> tuple[subprocess.Popen, list[str]]:
+    """`python -m flows` without --server or PREFECT_API_URL (so on a temporary API), in its own process group as a
+    shell starts a job, with a tiny model set to train for long; returns once training has begun, with the lines so
+    far."""
+    from tests.conftest import tiny_overrides
+
+    overrides = [*tiny_overrides(tmp_path / "artifacts", small_corpus), "train.max_steps=1000000"]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}  # a temporary API keeps its runs there
+    env.pop("PREFECT_API_URL", None)
+    run = subprocess.Popen([sys.executable, "-m", "flows", *[x for o in overrides for x in ("--set", o)]], cwd=REPO,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    lines = []
+    for line in run.stdout:
+        lines.append(line)
+        if "train: step" in line:
+            return run, lines
+    raise AssertionError("the run ended before training:\n" + "".join(lines)[-3000:])
+
+
+def _temporary_api_of(lines: list[str]) -> str:
+    import re
+
+    return next(re.search(r"http://127\.0\.0\.1:\d+/api", line)[0] for line in lines if "temporary API" in line)
+
+
+def test_ctrl_c_in_a_terminal_stops_a_run_on_the_temporary_api_in_one_line(tmp_path, small_corpus):
+    """Ctrl-C in a terminal signals the whole foreground process group. The temporary API Prefect starts was in that
+    group, so it died with the run, and the run then spent minutes retrying it to record the crash, printing
+    tracebacks ('Error logging to API'). The temporary API now stays out of the terminal's reach until the run has
+    recorded its end, and then stops with it."""
+    run, lines = _run_until_training(tmp_path, small_corpus)
+    url = _temporary_api_of(lines)
+    try:
+        assert local_api.healthy(url, timeout=30)  # busy recording the training run, it may take a while to answer
+        os.killpg(run.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        rest, _ = run.communicate(timeout=180)
+    finally:
+        run.kill()
+    out = "".join(lines) + rest
+    assert run.returncode == 130, out[-3000:]
+    assert "interrupted: run the same command again" in out
+    assert "Finished in state Crashed" in out  # the API was there to record how the run ended
+    assert "Traceback" not in out and "Error logging to API" not in out, out[-3000:]
+    assert not local_api.healthy(url)  # and it stopped with the run
+
+
+def test_the_temporary_api_does_not_outlive_a_killed_run(tmp_path, small_corpus):
+    """Out of the terminal's process group, the temporary API would be left running by a run that dies without
+    cleaning up (SIGKILL, or SIGHUP when the terminal closes): it watches its parent and stops when that is gone."""
+    run, lines = _run_until_training(tmp_path, small_corpus)
+    url = _temporary_api_of(lines)
+    try:
+        assert local_api.healthy(url, timeout=30)
+        run.kill()
+        run.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while local_api.healthy(url) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not local_api.healthy(url)
+    finally:
+        run.kill()
