@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +36,8 @@ from typing import Any, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from flows.local_api import end_process_group  # noqa: E402  (after the repository is on the path)
 
 SAMPLE = REPO / "data" / "tinystories-sample" / "stories.jsonl"
 STAGES = ("acquire", "tokenizer", "shard", "train", "evaluate", "export", "register")
@@ -93,18 +94,6 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the process group this script started, then SIGKILL if it lingers."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-
 
 def get_json(url: str, timeout: float = 30) -> Any:
     with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -136,7 +125,7 @@ def mlflow_ui(store: dict[str, Any], log_file: Path) -> Iterator[str]:
             time.sleep(0.5)
         yield base
     finally:
-        _stop(process)
+        end_process_group(process)
 
 
 def ajax(base: str, endpoint: str, **params: Any) -> Any:
@@ -245,7 +234,7 @@ class Browser:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.socket.close()
-        _stop(self.process)
+        end_process_group(self.process)
         shutil.rmtree(self.profile, ignore_errors=True)
 
     def __enter__(self) -> "Browser":

@@ -135,7 +135,7 @@ def temporary_api() -> Iterator[str | None]:
         yield url
     finally:
         _drain_prefect()
-        _end(process)
+        end_process_group(process)
 
 
 def _drain_prefect() -> None:
@@ -150,15 +150,18 @@ def _drain_prefect() -> None:
         worker.drain_all(timeout=30)
 
 
-def _end(process: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
+def end_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the process group `process` leads (started with process_group=0 or start_new_session), then SIGKILL
+    if it lingers."""
+    if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
 
 
 def _serve(port: int, parent: int) -> None:
