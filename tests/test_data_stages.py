@@ -434,3 +434,28 @@ def test_training_windows_read_spilled_shards_and_draw_the_same_batches(tmp_path
     del windows
     gc.collect()
     assert not scratch.exists()
+
+
+@pytest.mark.parametrize("code, transient", [("EAI_NONAME", False), ("EAI_AGAIN", True)])
+def test_a_host_name_that_does_not_resolve_is_not_retried_a_temporary_dns_failure_is(tmp_path, monkeypatch, code,
+                                                                                     transient):
+    """Offline, `mnemos-0.1` said 'cannot reach huggingface.co ([Errno -2] Name or service not known)' three times,
+    after retries 5 and 10 s apart that could not change it: a name the resolver says does not exist is not transient;
+    'Temporary failure in name resolution' (EAI_AGAIN) is, as is a refused connection (above). The resolver's answer
+    is raised where urllib would raise it (this machine's own DNS answers vary), for a download and a hub listing."""
+    import socket
+    import urllib.error
+
+    import tasks.corpus.download as fetching
+
+    def resolver_says(*_args, **_kwargs):
+        raise urllib.error.URLError(socket.gaierror(getattr(socket, code), "the resolver's answer"))
+
+    monkeypatch.setattr(fetching, "open_url", resolver_says)
+    with pytest.raises(AcquireError, match="cannot reach huggingface.co") as err:
+        download("https://huggingface.co/TinyStories.txt", tmp_path / "TinyStories.txt", None, LOG, timeout=5)
+    assert err.value.transient is transient
+    source = SourceConfig(kind="hf", dataset="org/tiny", endpoint="https://hub.example")
+    with pytest.raises(AcquireError, match="cannot reach the hub at https://hub.example") as err:
+        acquire(AcquireConfig(sources=[source]), tmp_path / "hub", LOG)
+    assert err.value.transient is transient

@@ -48,6 +48,14 @@ def later(status: int) -> bool:
     return status >= 500 or status in (408, 429)
 
 
+def reachable_later(exc: BaseException) -> bool:
+    """Whether a failure to connect may pass: anything but a host name the resolver says does not exist (offline,
+    or a typo), which a retry seconds later cannot change. 'Temporary failure in name resolution' may pass."""
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    return not (isinstance(reason, socket.gaierror)
+                and reason.errno in {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)})
+
+
 class AcquireError(PipelineError, RuntimeError):
     """A source cannot be read or downloaded; the message names the source. `transient`: a retry may succeed."""
 
@@ -150,7 +158,7 @@ def download(
     except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
         size = part.stat().st_size if part.exists() else 0
         raise AcquireError(_failed(url, exc) + (f"; a re-run resumes from {size} bytes" if size else ""),
-                           transient=True) from None
+                           transient=reachable_later(exc)) from None
     if sha256 is not None:
         actual = file_sha256(part)
         if actual != sha256:
@@ -315,7 +323,7 @@ def _hub_listing(source: SourceConfig, base: str, revision: str, token: str | No
         except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
             raise AcquireError(
                 f"cannot reach the hub at {base} for dataset '{source.dataset}' ({exc}): kind 'hf' needs the internet, "
-                f"or set acquire.sources[].endpoint to a mirror", transient=True,
+                f"or set acquire.sources[].endpoint to a mirror", transient=reachable_later(exc),
             ) from None
         except ValueError as exc:
             raise AcquireError(f"hub at {base} answered the listing of '{source.dataset}' with something other than "
