@@ -63,23 +63,38 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start(home: Path) -> tuple[str, int]:
-    """Launch the API detached; returns its URL and pid."""
+def _server_env(**settings: str) -> dict[str, str]:
+    """The environment of an API this module starts: ours, with the settings Prefect gives its temporary server (no
+    UI, no background services, no analytics) and `settings`, and no PREFECT_API_URL."""
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **settings}
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def _answers(url: str, process: subprocess.Popen) -> bool:
+    """Wait until the API `process` serves at `url` answers (True), or it exits or START_TIMEOUT_S passes (False)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not healthy(url) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return healthy(url)
+
+
+def _start(home: Path) -> tuple[str, subprocess.Popen]:
+    """Launch the API detached; returns its URL and process."""
     port = _free_port()
     # Where prefect is installed, without importing it: an import here would read its settings before the caller sets
     # PREFECT_API_URL, and the run that started the server would then go to a temporary API after all.
     site = Path(importlib.util.find_spec("prefect").origin).parent.parent
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
     log = open(home / "local-api.log", "ab")  # noqa: SIM115 (the child keeps the descriptor)
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--app-dir", str(site), "--factory", APP, "--host", HOST, "--port", str(port),
          "--log-level", "error", "--lifespan", "on"],
-        env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd=home,
+        env=_server_env(PREFECT_HOME=str(home)), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+        start_new_session=True, cwd=home,
     )
     log.close()
-    return f"http://{HOST}:{port}/api", process.pid
+    return f"http://{HOST}:{port}/api", process
 
 
 def ensure_local_api(home: Path) -> str | None:
@@ -99,36 +114,26 @@ def _find_or_start(home: Path) -> str | None:
         known = None
     if known and healthy(known):
         return known
-    url, pid = _start(home)
+    url, process = _start(home)
     tmp = record.with_name(RECORD + ".tmp")
-    tmp.write_text(json.dumps({"url": url, "pid": pid}))
+    tmp.write_text(json.dumps({"url": url, "pid": process.pid}))
     os.replace(tmp, record)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if healthy(url):
-            return url
-        time.sleep(0.2)
-    return None
+    return url if _answers(url, process) else None
 
 
 @contextlib.contextmanager
 def temporary_api() -> Iterator[str | None]:
     """A Prefect API for one run: its URL while the `with` block runs (None if it did not answer in time: then
     Prefect starts its own), stopped when the block ends. See the module's docstring for why not Prefect's own."""
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # what Prefect gives its temporary server
-    env.pop("PREFECT_API_URL", None)
     root = str(Path(__file__).resolve().parent.parent)  # this checkout, installed or not
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))
+    path = os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))
     port = _free_port()
     command = [sys.executable, "-m", "flows.local_api", "serve", "--port", str(port), "--parent", str(os.getpid())]
-    process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, process_group=0)  # out of Ctrl-C's reach
+    process = subprocess.Popen(command, env=_server_env(PREFECT__SERVER_FINAL="1", PYTHONPATH=path),
+                               stdin=subprocess.DEVNULL, process_group=0)  # its own group: out of Ctrl-C's reach
     url = f"http://{HOST}:{port}/api"
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not healthy(url) and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if not healthy(url):
+        if not _answers(url, process):
             yield None
             return
         print(f"Prefect: a temporary API for this run on {url} (`--server` keeps one between runs)", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -160,8 +161,6 @@ def _run_until_training(tmp_path: Path, small_corpus: Path) -> tuple[subprocess.
 
 
 def _temporary_api_of(lines: list[str]) -> str:
-    import re
-
     return next(re.search(r"http://127\.0\.0\.1:\d+/api", line)[0] for line in lines if "temporary API" in line)
 
 
