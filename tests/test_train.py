@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -66,13 +67,15 @@ KILL_SCRIPT = textwrap.dedent(
     import tasks.training.loop as T
     from tests.test_train import tiny_train_config, corpus_tokens
     kill_at = int(sys.argv[2])
+    sent = getattr(signal, sys.argv[3]) if len(sys.argv) > 3 else signal.SIGKILL
     original = T.learning_rate
     def learning_rate(cfg, step, *rest):
         if step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)  # a real kill, between two checkpoints
+            os.kill(os.getpid(), sent)  # a real signal, between two checkpoints
         return original(cfg, step, *rest)
     T.learning_rate = learning_rate
     out = T.Path(sys.argv[1])
+    logging.basicConfig(level=logging.INFO)
     summary, model = T.train(tiny_train_config(), corpus_tokens(), corpus_tokens(800), 64, out, logging.getLogger())
     from safetensors.torch import save_model
     save_model(model, str(out / "final.safetensors"))
@@ -96,6 +99,32 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
     assert steps == list(range(1, 31))  # the steps redone after the kill are logged once
     a, b = weights(clean / "final.safetensors"), weights(killed / "final.safetensors")
     assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, status", [("SIGINT", 1), ("SIGTERM", -signal.SIGTERM)])
+def test_ctrl_c_or_sigterm_finishes_the_step_checkpoints_it_and_stops_as_the_signal_would(tmp_path, name, status):
+    """Ctrl-C (or `kill`, a deployment cancelled in Prefect) at step 25 loses nothing: the step ends, a checkpoint is
+    written at step 26 (the interval is 10), and the process then dies of the signal as it would have; the re-run
+    resumes there to the weights of a run never stopped. A second Ctrl-C would act at once (the handler is gone)."""
+    script = tmp_path / "run.py"
+    script.write_text(KILL_SCRIPT.format(repo=str(REPO)))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    clean, stopped = tmp_path / "clean", tmp_path / "stopped"
+    for d in (clean, stopped):
+        d.mkdir()
+    assert subprocess.run([sys.executable, str(script), str(clean), "-1"], env=env).returncode == 0
+    first = subprocess.run([sys.executable, str(script), str(stopped), "25", name], env=env, capture_output=True,
+                           text=True)
+    assert first.returncode == status, first.stderr[-2000:]  # SIGINT: an uncaught KeyboardInterrupt, as without this
+    assert first.stderr.strip().endswith("KeyboardInterrupt") == (name == "SIGINT")
+    assert json.loads((stopped / "checkpoints" / "latest.json").read_text())["step"] == 26
+    assert f"stopping at step 26 on {name}" in first.stderr
+    assert subprocess.run([sys.executable, str(script), str(stopped), "-1"], env=env).returncode == 0
+    steps = [json.loads(line)["step"] for line in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 31))
+    a, b = weights(clean / "final.safetensors"), weights(stopped / "final.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
 

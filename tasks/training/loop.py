@@ -37,6 +37,7 @@ from tasks.training.data import Windows  # noqa: F401  (windows per shard; impor
 from tasks.training.devices import autocast, autocast_dtype, pick_device
 from tasks.training.distributed import agreed_elapsed, init_distributed
 from tasks.training.emissions import emissions_tracker
+from tasks.training.interrupts import StopRequest, stop_at_step_end
 from tasks.training.files import CHECKPOINTS, DIVERGED, METRICS, PROFILE, RESUMABLE_KNOBS
 from tasks.training.muon import build_optimizer
 from tasks.training.samples import checkpoint_samples
@@ -246,8 +247,8 @@ def train(
         tracker.start()
     started = time.perf_counter()
     try:
-        with kept_heap(cfg.keep_heap):
-            _loop(s, windows, out_dir / METRICS, log)
+        with kept_heap(cfg.keep_heap), stop_at_step_end(enabled=s.world == 1) as stop:
+            _loop(s, windows, out_dir / METRICS, log, stop)
     finally:
         emissions = tracker.stop() if tracker else None
     return _summary(s, time.perf_counter() - started, tracker, emissions), s.model
@@ -264,7 +265,8 @@ def _windows(tokens: np.ndarray | ShardTokens, split: str, block_size: int, seed
                             "or lower train.model.block_size") from None
 
 
-def _loop(s: Session, windows: tuple[Windows, Windows], metrics_path: Path, log: logging.Logger) -> None:
+def _loop(s: Session, windows: tuple[Windows, Windows], metrics_path: Path, log: logging.Logger,
+          stop: StopRequest) -> None:
     cfg = s.cfg
     started = time.perf_counter() - s.elapsed  # the budget counts training seconds before a resumption too
     logged = [s.start, time.perf_counter()]  # (step, time) of the last progress line: the rate shown is recent, not average
@@ -288,18 +290,26 @@ def _loop(s: Session, windows: tuple[Windows, Windows], metrics_path: Path, log:
         if s.leader:
             _append_metrics(metrics_path, row)
             _log_progress(s, row, logged, log)
-            if s.done % cfg.checkpoint_interval == 0 or s.done == cfg.max_steps or s.stopped_early:
-                if s.samples:
-                    s.samples(s.done, s.model)
-                save_checkpoint(s.checkpoints, s.done, s.model, s.optimizer,
-                                {"best_val": s.best_val, "stale": s.stale, "schedule": schedule(cfg),
-                                 "elapsed": s.elapsed})
-                (s.checkpoints / DIVERGED).unlink(missing_ok=True)  # a checkpoint under the new knobs: resumed
+            due = s.done % cfg.checkpoint_interval == 0 or s.done == cfg.max_steps or s.stopped_early
+            if due and s.samples:
+                s.samples(s.done, s.model)
+            if due or stop.signum is not None:
+                _save(s)
+        if stop.signum is not None:  # Ctrl-C or SIGTERM during the step (interrupts.py): saved above, now stop
+            log.info("train: stopping at step %d on %s: checkpoint saved, the same command resumes from it", s.done,
+                     stop.name)
+            stop.resend()
         if s.stopped_early:
             reason = f"{cfg.max_seconds:.0f} s budget spent" if s.out_of_time else \
                 f"no val improvement in {s.stale} evaluations"
             log.info("train: early stop at step %d (%s)", s.done, reason)
             return
+
+
+def _save(s: Session) -> None:
+    save_checkpoint(s.checkpoints, s.done, s.model, s.optimizer,
+                    {"best_val": s.best_val, "stale": s.stale, "schedule": schedule(s.cfg), "elapsed": s.elapsed})
+    (s.checkpoints / DIVERGED).unlink(missing_ok=True)  # a checkpoint under the new knobs: resumed
 
 
 def _step(s: Session, windows: Windows, step: int) -> float:
