@@ -5,14 +5,18 @@ so does a Prefect API that PREFECT_API_URL names and nothing answers at.
 The artifacts directory's lock is taken before Prefect starts too: a second run on the same directory waits for the
 first, or with `--no-wait` exits at once (status 1) naming the holder. A failure the user can fix (a project error:
 a 404, a bad checksum, a diverged run, a split too short) is printed as one line with exit status 1; Ctrl-C is
-one line and status 130 (the re-run resumes); a traceback means a bug.
+one line and status 130 (the re-run resumes), SIGTERM (or a closed terminal) one line and status 143, training
+checkpointing the step it was on; a traceback means a bug.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import signal
 import sys
+import threading
+from typing import Iterator
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
@@ -58,9 +62,8 @@ def run(args: argparse.Namespace) -> int:
     if why:
         print(f"error: {why}", file=sys.stderr)
         return 2
-
     try:
-        with contextlib.ExitStack() as api:
+        with _stop_on_sigterm(), contextlib.ExitStack() as api:
             url = None if os.environ.get("PREFECT_API_URL") else _api_for_this_run(args.server, api)
             if url:
                 os.environ["PREFECT_API_URL"] = url
@@ -73,6 +76,53 @@ def run(args: argparse.Namespace) -> int:
         print("interrupted: run the same command again; finished stages come from the cache and training resumes "
               "from its last checkpoint", file=sys.stderr)
         return 130
+    except Stopped as exc:
+        print(f"stopped by {exc.name}: run the same command again; finished stages come from the cache and training "
+              "resumes from its last checkpoint", file=sys.stderr)
+        return 128 + exc.signum
+
+
+class Stopped(BaseException):
+    """SIGTERM, or SIGHUP, arrived: raised where Prefect, having recorded the run Crashed, sends the signal on to the
+    handler it found (ours), instead of the process dying there; so the API outlives the run's last log lines."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM (`kill`, `docker stop`, a cancelled CI job) ends the run as Ctrl-C does: Prefect records it Crashed,
+    training checkpoints its step (tasks/training/interrupts.py), then `Stopped` unwinds the run here, so the
+    temporary API is stopped after the last log lines reached it; the status is 143. (Prefect itself re-sends the
+    signal to the handler it found, which by default killed the process on the spot.)
+
+    A closed terminal (SIGHUP: an ssh session dropping), whose default ended the process at once and left the run
+    'Running' in Prefect for good, is turned into SIGTERM, and what went to the terminal goes to /dev/null from then on
+    (writing to a hung-up terminal fails). Signals that are ignored (nohup) or handled already are left as they are."""
+    def stopped(signum, frame) -> None:
+        raise Stopped(signum)
+
+    def hung_up(signum, frame) -> None:
+        null = os.open(os.devnull, os.O_WRONLY)
+        for fd in ttys:
+            os.dup2(null, fd)
+        os.close(null)
+        signal.raise_signal(signal.SIGTERM)
+
+    ttys = [fd for fd in (1, 2) if os.isatty(fd)]  # now: a hung-up terminal no longer says it is one
+    main = threading.current_thread() is threading.main_thread()  # the only thread Python sets handlers from
+    ours = {signum: handler for signum, handler in ((signal.SIGTERM, stopped), (signal.SIGHUP, hung_up))
+            if main and signal.getsignal(signum) is signal.SIG_DFL}
+    for signum, handler in ours.items():
+        signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum in ours:
+            signal.signal(signum, signal.SIG_DFL)
 
 
 def _api_for_this_run(server: bool, api: contextlib.ExitStack) -> str | None:

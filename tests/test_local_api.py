@@ -185,6 +185,26 @@ def test_ctrl_c_in_a_terminal_stops_a_run_on_the_temporary_api_in_one_line(tmp_p
     assert not local_api.healthy(url)  # and it stopped with the run
 
 
+def test_sigterm_stops_a_run_in_one_line_as_ctrl_c_does(tmp_path, small_corpus):
+    """SIGTERM (`kill`, `docker stop`, a CI job cancelled): Prefect records the run Crashed, then killed the process
+    with the signal at once, so the log lines it still held never reached the API and the temporary API was left to
+    notice its parent gone. Now the run ends as on Ctrl-C: one line, the API stopped on the way out, status 143."""
+    run, lines = _run_until_training(tmp_path, small_corpus)
+    url = _temporary_api_of(lines)
+    try:
+        assert local_api.healthy(url, timeout=30)
+        run.send_signal(signal.SIGTERM)
+        rest, _ = run.communicate(timeout=180)
+    finally:
+        run.kill()
+    out = "".join(lines) + rest
+    assert run.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "stopped by SIGTERM: run the same command again" in out
+    assert "Finished in state Crashed" in out and "stopping at step" in out  # training checkpointed its step
+    assert "Traceback" not in out and "Error logging to API" not in out, out[-3000:]
+    assert not local_api.healthy(url)  # stopped by the run, not later by its watchdog
+
+
 def test_the_temporary_api_does_not_outlive_a_killed_run(tmp_path, small_corpus):
     """Out of the terminal's process group, the temporary API would be left running by a run that dies without
     cleaning up (SIGKILL, or SIGHUP when the terminal closes): it watches its parent and stops when that is gone."""
@@ -200,3 +220,50 @@ def test_the_temporary_api_does_not_outlive_a_killed_run(tmp_path, small_corpus)
         assert not local_api.healthy(url)
     finally:
         run.kill()
+
+
+HANG_UP_LAUNCHER = (  # a terminal's session: the run leads it, with the pseudo-terminal as its controlling terminal
+    "import fcntl, os, sys, termios; os.setsid(); fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'flows', *sys.argv[1:]])"
+)
+
+
+def test_closing_the_terminal_stops_a_run_as_sigterm_does(tmp_path, small_corpus):
+    """Closing the terminal (an ssh session dropping) sends SIGHUP, whose default ended the run at once: Prefect kept
+    it 'Running' for good and training lost its steps since the last checkpoint. Now the run stops as on SIGTERM:
+    the step in progress is checkpointed, Prefect records the run Crashed, and the temporary API stops. A real
+    pseudo-terminal, closed under the run."""
+    import pty
+    import sqlite3
+
+    from tests.conftest import tiny_overrides
+
+    overrides = [*tiny_overrides(tmp_path / "artifacts", small_corpus), "train.max_steps=1000000",
+                 "train.checkpoint_interval=1000000"]  # the only checkpoint there can be is the one the stop writes
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    master, terminal = pty.openpty()
+    run = subprocess.Popen([sys.executable, "-c", HANG_UP_LAUNCHER, *[x for o in overrides for x in ("--set", o)]],
+                           cwd=REPO, env=env, stdin=terminal, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    out = b""
+    try:
+        while b"train: step" not in out:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the run ended and closed the terminal
+                chunk = b""
+            assert chunk, "the run ended before training:\n" + out.decode(errors="replace")[-3000:]
+            out += chunk
+        url = _temporary_api_of(out.decode(errors="replace").splitlines())
+        os.close(master)  # the terminal goes away: the kernel sends the run SIGHUP
+        master = None
+        assert run.wait(timeout=180) == 128 + signal.SIGTERM
+    finally:
+        run.kill()
+        if master is not None:
+            os.close(master)
+    assert json.loads(next((tmp_path / "artifacts" / "train").glob("*/checkpoints/latest.json")).read_text())["step"]
+    with sqlite3.connect(tmp_path / "prefect-home" / "prefect.db") as db:  # Prefect's own record of the run
+        assert [state for (state,) in db.execute("SELECT state_name FROM flow_run")] == ["Crashed"]
+    assert not local_api.healthy(url)
