@@ -67,7 +67,7 @@ KILL_SCRIPT = textwrap.dedent(
     import tasks.training.loop as T
     from tests.test_train import tiny_train_config, corpus_tokens
     kill_at = int(sys.argv[2])
-    sent = getattr(signal, sys.argv[3]) if len(sys.argv) > 3 else signal.SIGKILL
+    sent = getattr(signal, sys.argv[3]) if len(sys.argv) > 3 else None
     original = T.learning_rate
     def learning_rate(cfg, step, *rest):
         if step == kill_at:
@@ -83,50 +83,47 @@ KILL_SCRIPT = textwrap.dedent(
 )
 
 
-def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
-    script = tmp_path / "run.py"
+def _run_kill_script(out: Path, stop_at: int = -1, sent: str = "SIGKILL") -> subprocess.CompletedProcess:
+    """KILL_SCRIPT in a process of its own: train into `out`, sending itself `sent` at step `stop_at` (-1: never)."""
+    script = out.parent / "run.py"
     script.write_text(KILL_SCRIPT.format(repo=str(REPO)))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    clean, killed = tmp_path / "clean", tmp_path / "killed"
-    for d in (clean, killed):
-        d.mkdir()
-    assert subprocess.run([sys.executable, str(script), str(clean), "-1"], env=env).returncode == 0
-    first = subprocess.run([sys.executable, str(script), str(killed), "25"], env=env)
-    assert first.returncode == -9
-    assert json.loads((killed / "checkpoints" / "latest.json").read_text())["step"] == 20
-    assert subprocess.run([sys.executable, str(script), str(killed), "-1"], env=env).returncode == 0
-    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 31))  # the steps redone after the kill are logged once
-    a, b = weights(clean / "final.safetensors"), weights(killed / "final.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    out.mkdir()
+    return subprocess.run([sys.executable, str(script), str(out), str(stop_at), sent],
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("name, status", [("SIGINT", 1), ("SIGTERM", -signal.SIGTERM)])
-def test_ctrl_c_or_sigterm_finishes_the_step_checkpoints_it_and_stops_as_the_signal_would(tmp_path, name, status):
-    """Ctrl-C (or `kill`, a deployment cancelled in Prefect) at step 25 loses nothing: the step ends, a checkpoint is
-    written at step 26 (the interval is 10), and the process then dies of the signal as it would have; the re-run
-    resumes there to the weights of a run never stopped. A second Ctrl-C would act at once (the handler is gone)."""
-    script = tmp_path / "run.py"
-    script.write_text(KILL_SCRIPT.format(repo=str(REPO)))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    clean, stopped = tmp_path / "clean", tmp_path / "stopped"
-    for d in (clean, stopped):
-        d.mkdir()
-    assert subprocess.run([sys.executable, str(script), str(clean), "-1"], env=env).returncode == 0
-    first = subprocess.run([sys.executable, str(script), str(stopped), "25", name], env=env, capture_output=True,
-                           text=True)
-    assert first.returncode == status, first.stderr[-2000:]  # SIGINT: an uncaught KeyboardInterrupt, as without this
-    assert first.stderr.strip().endswith("KeyboardInterrupt") == (name == "SIGINT")
-    assert json.loads((stopped / "checkpoints" / "latest.json").read_text())["step"] == 26
-    assert f"stopping at step 26 on {name}" in first.stderr
-    assert subprocess.run([sys.executable, str(script), str(stopped), "-1"], env=env).returncode == 0
-    steps = [json.loads(line)["step"] for line in (stopped / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 31))
-    a, b = weights(clean / "final.safetensors"), weights(stopped / "final.safetensors")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+@pytest.fixture(scope="module")
+def never_stopped(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The final weights of the run the stopped ones must end with."""
+    out = tmp_path_factory.mktemp("clean") / "run"
+    assert _run_kill_script(out).returncode == 0
+    return weights(out / "final.safetensors")
+
+
+@pytest.mark.parametrize("sent, status, checkpoint", [
+    ("SIGKILL", -signal.SIGKILL, 20),  # a real kill: back to the last interval checkpoint
+    ("SIGINT", 1, 26),  # Ctrl-C: the step ends, is checkpointed, then an uncaught KeyboardInterrupt as ever
+    ("SIGTERM", -signal.SIGTERM, 26),  # `kill`, a deployment run cancelled in Prefect: the same, then death by it
+])
+def test_a_stopped_run_resumes_to_the_same_weights(tmp_path, never_stopped, sent, status, checkpoint):
+    """A run stopped at step 25 (the checkpoint interval is 10) resumes to the weights of one never stopped, with
+    each step logged once. SIGINT and SIGTERM lose no step: the one in progress ends and a checkpoint is written
+    there (tasks/training/interrupts.py); a second Ctrl-C would act at once (the handler is gone by then)."""
+    out = tmp_path / "stopped"
+    first = _run_kill_script(out, 25, sent)
+    assert first.returncode == status, first.stderr[-2000:]
+    assert first.stderr.strip().endswith("KeyboardInterrupt") == (sent == "SIGINT")
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == checkpoint
+    assert (f"stopping at step 26 on {sent}" in first.stderr) == (checkpoint == 26)
+    again = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(out), "-1"],
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert again.returncode == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 31))  # the steps redone after the stop are logged once
+    resumed = weights(out / "final.safetensors")
+    assert resumed.keys() == never_stopped.keys()
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], never_stopped[key], rtol=0, atol=1e-6)
 
 
 def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
