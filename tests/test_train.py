@@ -115,6 +115,7 @@ def test_a_stopped_run_resumes_to_the_same_weights(tmp_path, never_stopped, sent
     assert first.stderr.strip().endswith("KeyboardInterrupt") == (sent == "SIGINT")
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == checkpoint
     assert (f"stopping at step 26 on {sent}" in first.stderr) == (checkpoint == 26)
+    assert (f"train: {sent}: stopping once the step in progress is checkpointed" in first.stderr) == (checkpoint == 26)
     again = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(out), "-1"],
                            env={**os.environ, "PYTHONPATH": str(REPO)})
     assert again.returncode == 0

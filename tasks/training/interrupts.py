@@ -13,6 +13,7 @@ ignores (SIG_IGN: a background job of a non-interactive shell ignores SIGINT) st
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from typing import Any, Iterator
@@ -35,6 +36,11 @@ class StopRequest:
     def _note(self, signum: int, frame: Any) -> None:
         self.signum = signum
         self._restore()  # a second Ctrl-C stops at once
+        # Said at once, since a step can take minutes on a large model; written to the descriptor, not logged: a
+        # handler that runs while the logging queue's lock is held would wait on it for good.
+        with contextlib.suppress(OSError):
+            os.write(2, f"train: {self.name}: stopping once the step in progress is checkpointed (again to stop "
+                        "now)\n".encode())
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():
