@@ -37,8 +37,8 @@ from tasks.training.data import Windows  # noqa: F401  (windows per shard; impor
 from tasks.training.devices import autocast, autocast_dtype, pick_device
 from tasks.training.distributed import agreed_elapsed, init_distributed
 from tasks.training.emissions import emissions_tracker
-from tasks.training.interrupts import StopRequest, stop_at_step_end
 from tasks.training.files import CHECKPOINTS, DIVERGED, METRICS, PROFILE, RESUMABLE_KNOBS
+from tasks.training.interrupts import StopRequest, stop_at_step_end
 from tasks.training.muon import build_optimizer
 from tasks.training.samples import checkpoint_samples
 
