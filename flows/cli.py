@@ -16,6 +16,7 @@ any folder holding `model.safetensors`, `model_config.json` and a tokenizer. Gen
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -103,11 +104,18 @@ def _registry_files(uri: str, tracking_uri: str) -> tuple[Path, Path, Path]:
 
 
 def _tokenizer_of_train_artifact(train_dir: Path) -> Path:
-    """The tokenizer a train artifact was trained with: through the shard artifact its manifest names."""
+    """The tokenizer a train artifact was trained with: through the shard artifact its manifest names (or, for a run
+    that has not finished, the inputs it wrote down when it started)."""
     from tasks.stage import load_artifact
+    from tasks.train import UPSTREAM
 
     root = train_dir.parents[1]
-    shard_fp = (load_artifact(train_dir, "train").manifest.get("upstream") or {}).get("shard")
+    done = load_artifact(train_dir, "train")
+    try:
+        upstream = done.manifest.get("upstream") if done else json.loads((train_dir / UPSTREAM).read_text())
+    except (OSError, ValueError):
+        upstream = None
+    shard_fp = (upstream or {}).get("shard")
     for shard in (root / "shard").glob("*/"):
         art = load_artifact(shard, "shard")
         if art is not None and art.fingerprint == shard_fp:
@@ -132,19 +140,49 @@ def resolve_model(spec: str, tracking_uri: str, tokenizer: str | None = None) ->
         raise CLIError(f"{spec}: a Hugging Face export runs in transformers (AutoModelForCausalLM.from_pretrained"
                        f"('{folder}')); --model takes models:/NAME@ALIAS, models:/NAME/VERSION or a directory with "
                        "model.safetensors and model_config.json")
-    if not (folder / "model.safetensors").is_file() or not (folder / "model_config.json").is_file():
+    weights, home = _checkpoint_weights(spec, folder)
+    if not weights.is_file() or not (home / "model_config.json").is_file():
         raise CLIError(f"{spec}: no model.safetensors and model_config.json in {folder}")
     if tokenizer:
         tok = Path(tokenizer)
-    elif (folder / "tokenizer").is_dir():
-        tok = folder / "tokenizer"
-    elif (folder / "tokenizer.model").is_file() or (folder / "vocab.json").is_file():
-        tok = folder
-    elif (folder / "manifest.json").is_file():
-        tok = _tokenizer_of_train_artifact(folder)
+    elif (home / "tokenizer").is_dir():
+        tok = home / "tokenizer"
+    elif (home / "tokenizer.model").is_file() or (home / "vocab.json").is_file():
+        tok = home
+    elif (home / "manifest.json").is_file() or home != folder or weights.parent != home:
+        tok = _tokenizer_of_train_artifact(home)
     else:
         raise CLIError(f"{spec}: no tokenizer beside the model; pass --tokenizer DIR")
-    return folder / "model.safetensors", folder / "model_config.json", tok
+    return weights, home / "model_config.json", tok
+
+
+def _checkpoint_weights(spec: str, folder: Path) -> tuple[Path, Path]:
+    """(weights, the folder holding model_config.json): the model's own, or, for a run that has not finished training
+    (stopped, or still going), its newest checkpoint's, or those of the checkpoint `folder` names; the run wrote its
+    model config when it started. A LoRA run's checkpoint holds unmerged adapters and is refused."""
+    if (folder / "model.safetensors").is_file() and folder.parent.name == "checkpoints":
+        home, weights = folder.parents[1], folder / "model.safetensors"
+    elif not (folder / "model.safetensors").is_file() and (folder / "checkpoints" / "latest.json").is_file():
+        try:
+            newest = json.loads((folder / "checkpoints" / "latest.json").read_text())["path"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CLIError(f"{spec}: checkpoints/latest.json cannot be read: name a checkpoint, "
+                           f"{folder / 'checkpoints'}/step-N") from None
+        home, weights = folder, folder / "checkpoints" / str(newest) / "model.safetensors"
+        print(f"{spec}: training has not finished: its newest checkpoint, {newest}", file=sys.stderr)
+    else:
+        return folder / "model.safetensors", folder
+    if weights.is_file() and any("lora_" in key for key in _tensor_names(weights)):
+        raise CLIError(f"{spec}: this checkpoint holds LoRA adapters beside the frozen weights (they are merged "
+                       "when training finishes): finish the run, or generate from the model it started from")
+    return weights, home
+
+
+def _tensor_names(weights: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        return list(handle.keys())
 
 
 def load(args: argparse.Namespace):

@@ -27,6 +27,7 @@ from tasks.stage import Artifact, Stage, atomic_path, describe_files, key_upstre
 from tasks.training.files import METRICS, PROFILE, RESUMABLE_KNOBS, SAMPLES, WEIGHTS  # noqa: F401  (read from here)
 
 MODEL_CONFIG = "model_config.json"
+UPSTREAM = "upstream.json"  # the inputs' fingerprints, written at the start: the CLI finds a stopped run's tokenizer
 
 
 def train_stage(cfg: TrainConfig, out_dir: Path, log: logging.Logger, *, tokenizer: Artifact | None = None,
@@ -44,6 +45,9 @@ def train_stage(cfg: TrainConfig, out_dir: Path, log: logging.Logger, *, tokeniz
     start = starting_point(cfg, model_config(cfg, vocab_size), tokenizer, out_dir, log, this_input)
     if start.reuse is not None:
         return _reused(start, out_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # before the first checkpoint, so `scriptorium generate` can read one
+        write_json(out_dir / MODEL_CONFIG, model_config(cfg, vocab_size).model_dump())
+        write_json(out_dir / UPSTREAM, key_upstream({"tokenizer": tokenizer, "shard": shard}))
     summary, model = train(cfg, split_tokens(shard, "train"), split_tokens(shard, "val"), vocab_size, out_dir, log,
                            init=start.init, tokenizer_dir=tokenizer.path if tokenizer is not None else None)
     summary["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)

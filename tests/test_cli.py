@@ -129,6 +129,46 @@ def test_a_directory_without_a_model_is_one_line_error(tmp_path):
     assert result.stderr.count("\n") == 1 and "no model.safetensors" in result.stderr
 
 
+def test_an_unfinished_run_generates_from_its_newest_checkpoint(tmp_path):
+    """A run stopped in training (Ctrl-C, SIGTERM, a kill) or still training has checkpoints but no final weights and
+    no manifest. `--model artifacts/train/<key>` then takes its newest checkpoint, with the model config and the
+    tokenizer the run wrote down when it started; `--model .../checkpoints/step-N` takes that checkpoint."""
+    from model import load_model
+    from tests.conftest import run_stages
+
+    train_dir = run_stages(tmp_path, ("acquire", "tokenizer", "shard", "train"))["train"].path
+    (train_dir / "manifest.json").unlink()  # what a stopped run leaves
+    (train_dir / "model.safetensors").unlink()
+    newest = train_dir / "checkpoints" / json.loads((train_dir / "checkpoints" / "latest.json").read_text())["path"]
+    base = [sys.executable, "-m", "flows.cli", "generate", "--temperature", "0", "--max-new-tokens", "8", "--prompt",
+            "the dog"]
+    outs = [subprocess.run(base + ["--model", str(spec)], capture_output=True, text=True, cwd=REPO)
+            for spec in (train_dir, newest)]
+    for out in outs:
+        assert out.returncode == 0, out.stderr[-2000:]
+    tokenizer = next((tmp_path / "artifacts" / "tokenizer").glob("*/"))
+    model = load_model(newest / "model.safetensors", train_dir / "model_config.json")
+    expected = generate_text(model, load_tokenizer(tokenizer), ["the dog"], **{**GREEDY, "max_new_tokens": 8})[0]
+    assert outs[0].stdout.strip() == outs[1].stdout.strip() == expected.strip()
+    assert f"training has not finished: its newest checkpoint, {newest.name}" in outs[0].stderr
+
+
+def test_a_lora_checkpoint_is_refused_in_one_line(trained, tmp_path):
+    """A LoRA run's checkpoints hold the adapters beside the frozen weights (the artifact merges them at the end)."""
+    from safetensors.torch import load_file, save_file
+
+    step = tmp_path / "train" / "k" / "checkpoints" / "step-00000004"
+    step.mkdir(parents=True)
+    tensors = load_file(trained / "model.safetensors")
+    adapter = tensors[next(iter(tensors))][:2].clone()
+    save_file({**tensors, "blocks.0.attn.c_attn.lora_A": adapter}, step / "model.safetensors")
+    (step.parents[1] / "model_config.json").write_text((trained / "model_config.json").read_text())
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "generate", "--model", str(step), "--tokenizer",
+                             str(trained / "tokenizer"), "--prompt", "x"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "LoRA adapters" in result.stderr, result.stderr
+
+
 def test_every_option_has_help_text():
     from flows.cli import build_parser
 

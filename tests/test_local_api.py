@@ -203,6 +203,10 @@ def test_sigterm_stops_a_run_in_one_line_as_ctrl_c_does(tmp_path, small_corpus):
     assert "Finished in state Crashed" in out and "stopping at step" in out  # training checkpointed its step
     assert "Traceback" not in out and "Error logging to API" not in out, out[-3000:]
     assert not local_api.healthy(url)  # stopped by the run, not later by its watchdog
+    train_dir = next((tmp_path / "artifacts" / "train").glob("*/"))  # unfinished: generate takes its checkpoint
+    sample = subprocess.run([sys.executable, "-m", "flows.cli", "generate", "--model", str(train_dir), "--prompt",
+                             "the dog", "--max-new-tokens", "4"], cwd=REPO, capture_output=True, text=True)
+    assert sample.returncode == 0 and "training has not finished" in sample.stderr, sample.stderr[-2000:]
 
 
 def test_the_temporary_api_does_not_outlive_a_killed_run(tmp_path, small_corpus):
