@@ -23,6 +23,8 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 from pipeline_config.loader import ConfigError, load_config, split_overrides  # noqa: E402
 from flows.preflight import prefect_api_down, unrunnable  # noqa: E402
 
+GO_ON = "run the same command again; finished stages come from the cache and training resumes from its last checkpoint"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `python -m flows`, shared with `scriptorium run`."""
@@ -73,12 +75,10 @@ def run(args: argparse.Namespace) -> int:
                 return 2
             return _build(args, cfg, overrides)
     except KeyboardInterrupt:  # Prefect has already marked the run Crashed; what the user needs is how to go on
-        print("interrupted: run the same command again; finished stages come from the cache and training resumes "
-              "from its last checkpoint", file=sys.stderr)
+        print(f"interrupted: {GO_ON}", file=sys.stderr)
         return 130
     except Stopped as exc:
-        print(f"stopped by {exc.name}: run the same command again; finished stages come from the cache and training "
-              "resumes from its last checkpoint", file=sys.stderr)
+        print(f"stopped by {exc.name}: {GO_ON}", file=sys.stderr)
         return 128 + exc.signum
 
 

@@ -149,7 +149,7 @@ def resolve_model(spec: str, tracking_uri: str, tokenizer: str | None = None) ->
         tok = home / "tokenizer"
     elif (home / "tokenizer.model").is_file() or (home / "vocab.json").is_file():
         tok = home
-    elif (home / "manifest.json").is_file() or home != folder or weights.parent != home:
+    elif (home / "manifest.json").is_file() or weights.parent != home:  # a train artifact, or one of its checkpoints
         tok = _tokenizer_of_train_artifact(home)
     else:
         raise CLIError(f"{spec}: no tokenizer beside the model; pass --tokenizer DIR")

@@ -42,22 +42,23 @@ def train_stage(cfg: TrainConfig, out_dir: Path, log: logging.Logger, *, tokeniz
 
     vocab_size = shard.manifest["vocab_size"]
     this_input = train_input(cfg.model_dump(mode="json"), key_upstream({"tokenizer": tokenizer, "shard": shard}))
-    start = starting_point(cfg, model_config(cfg, vocab_size), tokenizer, out_dir, log, this_input)
+    mcfg = model_config(cfg, vocab_size)
+    start = starting_point(cfg, mcfg, tokenizer, out_dir, log, this_input)
     if start.reuse is not None:
         return _reused(start, out_dir)
-    if int(os.environ.get("RANK", "0")) == 0:  # before the first checkpoint, so `scriptorium generate` can read one
-        write_json(out_dir / MODEL_CONFIG, model_config(cfg, vocab_size).model_dump())
+    leader = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes the artifact
+    if leader:  # before the first checkpoint, so `scriptorium generate` can read one
+        write_json(out_dir / MODEL_CONFIG, mcfg.model_dump())
         write_json(out_dir / UPSTREAM, key_upstream({"tokenizer": tokenizer, "shard": shard}))
     summary, model = train(cfg, split_tokens(shard, "train"), split_tokens(shard, "val"), vocab_size, out_dir, log,
                            init=start.init, tokenizer_dir=tokenizer.path if tokenizer is not None else None)
     summary["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if cfg.lora is not None:
         model = merge_lora(model)  # plain weights, the same keys as any model: evaluate/export/register unchanged
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes the artifact
+    if not leader:
         return summary
     with atomic_path(out_dir / WEIGHTS) as weights:
         save_model(model, str(weights))
-    write_json(out_dir / MODEL_CONFIG, summary["model_config"])
     samples = [SAMPLES] if (out_dir / SAMPLES).is_file() else []
     # The weights and their config are what later stages read, so they alone are `files` (the fingerprint): the
     # profile and the checkpoint samples are reports, and a champion handed on unchanged (`_reused`) has none.

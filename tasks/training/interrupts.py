@@ -67,9 +67,7 @@ def stop_at_step_end(enabled: bool = True) -> Iterator[StopRequest]:
                 signal.signal(signum, request._note)
     try:
         yield request
-    except BaseException:
+    finally:
         request._restore()
-        raise
-    request._restore()
     if request.signum is not None and not request.sent:
         request.resend()
