@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +198,48 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
         return max((run["weights"][k] - reference["weights"][k]).abs().max().item() for k in reference["weights"])
 
     assert weight_gap(ddp) < 0.1 * weight_gap(half)
+
+
+def _torchrun(out: Path, shard_dir: Path, max_steps: int) -> subprocess.Popen:
+    """2-process DDP (gloo) training into `out`, torchrun in a session of its own (as in a terminal: Ctrl-C reaches
+    torchrun alone, which sends it on to every rank, each in a session of its own too)."""
+    out.mkdir(exist_ok=True)
+    config = out.parent / f"{out.name}.json"
+    config.write_text(tiny_train_config(batch_size=8, max_steps=max_steps, eval_interval=max_steps,
+                                        checkpoint_interval=10_000, model=ModelSection(
+                                            arch="gpt", n_layer=2, n_head=2, n_embd=64, block_size=32, dropout=0.0)
+                                        ).model_dump_json())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "tasks.train", str(config), str(shard_dir), str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def test_ctrl_c_on_torchrun_checkpoints_the_step_every_rank_finished_and_resumes_to_the_same_weights(tmp_path):
+    """gloo on CPU, a real torchrun. Ctrl-C (torchrun's SIGINT, passed to each rank) used to stop every rank at once,
+    losing every step since the last checkpoint; now the ranks agree at the end of the step to stop there, rank 0
+    checkpoints it, and the same command resumes to the weights of a run never stopped."""
+    shard_dir, steps = _shards(tmp_path), 400
+    clean = _torchrun(tmp_path / "clean", shard_dir, steps)
+    assert clean.wait(timeout=300) == 0, clean.stderr.read()[-3000:]
+    stopped_dir = tmp_path / "stopped"
+    run, metrics = _torchrun(stopped_dir, shard_dir, steps), stopped_dir / "metrics.jsonl"
+    while run.poll() is None and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
+        time.sleep(0.02)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode != 0, stderr[-3000:]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert 5 <= rows[-1]["step"] < steps, "the run was to be stopped part way"
+    assert json.loads((stopped_dir / "checkpoints" / "latest.json").read_text())["step"] == rows[-1]["step"], \
+        stderr[-3000:]
+    assert f"stopping at step {rows[-1]['step']} on SIGINT" in stderr
+    resumed = _torchrun(stopped_dir, shard_dir, steps)
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert f"resuming at step {rows[-1]['step']}" in stderr
+    assert [row["step"] for row in map(json.loads, metrics.read_text().splitlines())] == list(range(1, steps + 1))
+    expected, got = weights(tmp_path / "clean" / "model.safetensors"), weights(stopped_dir / "model.safetensors")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)

@@ -2,8 +2,9 @@
 
 Every rank draws the same global batch and trains on its own slice of it (`Windows.batch(part=...)`), so DDP's
 gradient averaging gives exactly the single-process update for the same global batch. Time-based decisions (the
-`max_seconds` budget, the schedule it drives) use rank 0's clock, broadcast once per step, so ranks never disagree on
-when to stop.
+`max_seconds` budget, the schedule it drives) use rank 0's clock, and a Ctrl-C or SIGTERM any rank noted during a step
+(torchrun sends it on to every rank) stops all of them after that step, checkpointed: both agreed once per step, so
+ranks never disagree on when to stop.
 
     torchrun --nproc_per_node N -m tasks.train CONFIG.json SHARD_DIR OUT_DIR [TOKENIZER_DIR]
 
@@ -30,14 +31,16 @@ def init_distributed() -> tuple[int, int]:
     return rank, world
 
 
-def agreed_elapsed(started: float, world: int, device: torch.device) -> float:
-    """Seconds since `started` by rank 0's clock, so every rank takes the same time-based decisions."""
+def agreed(started: float, signum: int | None, world: int, device: torch.device) -> tuple[float, int | None]:
+    """(seconds since `started` by rank 0's clock, the stop signal any rank noted or None), the same on every rank,
+    so all take the same time-based decisions and stop at the same step: one collective a step."""
     elapsed = time.perf_counter() - started
     if world > 1:
-        value = torch.tensor([elapsed], dtype=torch.float64, device=device)  # NCCL only moves device tensors
-        torch.distributed.broadcast(value, src=0)
-        elapsed = float(value.item())
-    return elapsed
+        mine = elapsed if torch.distributed.get_rank() == 0 else 0.0  # the maximum is rank 0's: the others send 0
+        value = torch.tensor([mine, float(signum or 0)], dtype=torch.float64, device=device)  # NCCL: device tensors
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        elapsed, signum = float(value[0].item()), int(value[1].item()) or None
+    return elapsed, signum
 
 
 def torchrun_main(argv: list[str]) -> None:
@@ -53,7 +56,8 @@ def torchrun_main(argv: list[str]) -> None:
     tokenizer = load_artifact(Path(tokenizer_dir[0]), "tokenizer") if tokenizer_dir else None
     if shard is None:
         raise SystemExit(f"{shard_dir} is not a finished shard artifact (no manifest.json)")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # force: importing Prefect (tasks.stage) gave the root logger its handler at WARNING, which hid every line
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     out = Path(out_dir)
     fields = train_stage(cfg, out, logging.getLogger("scriptorium.train"), shard=shard, tokenizer=tokenizer)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from tasks.training.allocator import kept_heap
 from tasks.training.checkpoints import load_checkpoint, save_checkpoint
 from tasks.training.data import Windows  # noqa: F401  (windows per shard; imported from here too)
 from tasks.training.devices import autocast, autocast_dtype, pick_device
-from tasks.training.distributed import agreed_elapsed, init_distributed
+from tasks.training.distributed import agreed, init_distributed
 from tasks.training.emissions import emissions_tracker
 from tasks.training.files import CHECKPOINTS, DIVERGED, METRICS, PROFILE, RESUMABLE_KNOBS
 from tasks.training.interrupts import StopRequest, stop_at_step_end
@@ -247,7 +248,7 @@ def train(
         tracker.start()
     started = time.perf_counter()
     try:
-        with kept_heap(cfg.keep_heap), stop_at_step_end(enabled=s.world == 1) as stop:
+        with kept_heap(cfg.keep_heap), stop_at_step_end(announce=s.leader) as stop:
             _loop(s, windows, out_dir / METRICS, log, stop)
     finally:
         emissions = tracker.stop() if tracker else None
@@ -269,7 +270,7 @@ def _loop(s: Session, windows: tuple[Windows, Windows], metrics_path: Path, log:
           stop: StopRequest) -> None:
     cfg = s.cfg
     started = time.perf_counter() - s.elapsed  # the budget counts training seconds before a resumption too
-    logged = [s.start, time.perf_counter()]  # (step, time) of the last progress line: the rate shown is recent, not average
+    logged = [s.start, time.perf_counter()]  # (step, time) of the last progress line: a recent rate
     s.model.train()
     for step in range(s.start, cfg.max_steps):
         lr = learning_rate(cfg, step, s.elapsed)
@@ -281,11 +282,9 @@ def _loop(s: Session, windows: tuple[Windows, Windows], metrics_path: Path, log:
         row: dict[str, Any] = {"step": s.done, "loss": s.last_loss, "lr": lr, "grad_norm": s.grad_norm}
         if s.done % cfg.eval_interval == 0 or s.done == cfg.max_steps:
             row["val_loss_estimate"] = _estimate_val(s, windows[1])
-        if cfg.max_seconds is not None:
-            s.elapsed = agreed_elapsed(started, s.world, s.device)
-            s.out_of_time = s.elapsed >= cfg.max_seconds
-        else:
-            s.elapsed = time.perf_counter() - started  # kept in the checkpoint should a budget be set on resume
+        # elapsed is kept in the checkpoint should a budget be set on resume; a stop any rank noted stops them all
+        s.elapsed, signum = agreed(started, stop.signum, s.world, s.device)
+        s.out_of_time = cfg.max_seconds is not None and s.elapsed >= cfg.max_seconds
         s.stopped_early = s.stopped_early or s.out_of_time
         if s.leader:
             _append_metrics(metrics_path, row)
@@ -293,12 +292,15 @@ def _loop(s: Session, windows: tuple[Windows, Windows], metrics_path: Path, log:
             due = s.done % cfg.checkpoint_interval == 0 or s.done == cfg.max_steps or s.stopped_early
             if due and s.samples:
                 s.samples(s.done, s.model)
-            if due or stop.signum is not None:
+            if due or signum is not None:
                 _save(s)
-        if stop.signum is not None:  # Ctrl-C or SIGTERM during the step (interrupts.py): saved above, now stop
-            log.info("train: stopping at step %d on %s: checkpoint saved, the same command resumes from it", s.done,
-                     stop.name)
-            stop.resend()
+        if signum is not None:  # Ctrl-C or SIGTERM during the step (interrupts.py): saved above, now stop
+            if s.world > 1:
+                torch.distributed.barrier()  # no rank ends before rank 0's checkpoint is written
+            if s.leader:
+                log.info("train: stopping at step %d on %s: checkpoint saved, the same command resumes from it",
+                         s.done, signal.Signals(signum).name)
+            stop.resend(signum)
         if s.stopped_early:
             reason = f"{cfg.max_seconds:.0f} s budget spent" if s.out_of_time else \
                 f"no val improvement in {s.stale} evaluations"
