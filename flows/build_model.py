@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.killed_runs import record_killed_run
 from flows.preflight import unrunnable
 from pipeline_config import ConfigError, PipelineConfig, load_config
 from tasks.acquire import acquire_task
@@ -43,6 +44,7 @@ def build_model(preset: str = "quickstart", overrides: list[str] | None = None) 
     if why:  # before any stage runs, as for a configuration error: a deployment's run fails here, in one line
         raise PipelineError(why)
     with hold_artifacts(cfg.artifacts_dir):  # one run at a time per artifacts directory; a second one waits
+        record_killed_run(cfg.artifacts_dir)  # a run that died holding it is 'Running' in Prefect: say it Crashed
         return run_pipeline(cfg)
 
 

@@ -500,6 +500,7 @@ def key_upstream(upstream: Mapping[str, Artifact | None]) -> dict[str, str | Non
 
 # ------------------------------------------------------------------------------------------- the artifacts lock
 _held: dict[Path, list[int]] = {}  # artifacts root -> [lock file descriptor, nesting depth] held by this process
+_left: dict[Path, dict[str, Any]] = {}  # artifacts root -> what a holder that died holding its lock had written there
 _held_guard = threading.Lock()
 
 
@@ -530,10 +531,28 @@ def _lock(root: Path, wait: bool, log: logging.Logger) -> int:
                                 "behind it") from None
         log.warning("%s is in use by %s; waiting for it to finish", root, holder)
         fcntl.flock(fd, fcntl.LOCK_EX)
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode(), 0)
+    with contextlib.suppress(ValueError):  # a holder empties the file as it lets go: left non-empty, it died
+        left = json.loads(os.pread(fd, 1 << 16, 0) or b"null")
+        if isinstance(left, dict):
+            _left[root] = left
+    _write_holder(fd, {"pid": os.getpid(), "host": socket.gethostname(),
+                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return fd
+
+
+def _write_holder(fd: int, holder: dict[str, Any]) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+
+
+def note_holder(root: Path, **fields: Any) -> dict[str, Any] | None:
+    """Add `fields` (e.g. the Prefect flow run) to what this process wrote in the artifacts lock it holds; returns
+    what a previous holder that died holding the lock had written there (once), or None."""
+    root = Path(root).resolve()
+    with _held_guard:
+        fd = _held[root][0]
+        _write_holder(fd, {**json.loads(os.pread(fd, 1 << 16, 0)), **fields})
+        return _left.pop(root, None)
 
 
 @contextlib.contextmanager
@@ -562,7 +581,9 @@ def hold_artifacts(root: Path, wait: bool = True, log: logging.Logger | None = N
         with _held_guard:
             _held[root][1] -= 1
             if _held[root][1] == 0:
-                os.close(_held.pop(root)[0])  # closing the descriptor releases the lock
+                fd = _held.pop(root)[0]
+                os.ftruncate(fd, 0)  # let go of in order: the next holder finds no one who died holding it
+                os.close(fd)  # closing the descriptor releases the lock
 
 
 # ---------------------------------------------------------------------------------------------------------- Prefect

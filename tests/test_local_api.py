@@ -209,9 +209,15 @@ def test_sigterm_stops_a_run_in_one_line_as_ctrl_c_does(tmp_path, small_corpus):
     assert sample.returncode == 0 and "training has not finished" in sample.stderr, sample.stderr[-2000:]
 
 
-def test_the_temporary_api_does_not_outlive_a_killed_run(tmp_path, small_corpus):
+def test_the_temporary_api_does_not_outlive_a_killed_run_and_the_next_run_records_the_crash(tmp_path, small_corpus):
     """Out of the terminal's process group, the temporary API would be left running by a run that dies without
-    cleaning up (SIGKILL, or SIGHUP when the terminal closes): it watches its parent and stops when that is gone."""
+    cleaning up (SIGKILL, or SIGHUP when the terminal closes): it watches its parent and stops when that is gone.
+    A SIGKILLed run cannot tell Prefect how it ended, so Prefect showed it 'Running' for good (its stages too). The
+    next run on the same artifacts directory finds it in the lock the dead run left behind and records it Crashed."""
+    import sqlite3
+
+    from tests.conftest import tiny_overrides
+
     run, lines = _run_until_training(tmp_path, small_corpus)
     url = _temporary_api_of(lines)
     try:
@@ -224,6 +230,21 @@ def test_the_temporary_api_does_not_outlive_a_killed_run(tmp_path, small_corpus)
         assert not local_api.healthy(url)
     finally:
         run.kill()
+    database = tmp_path / "prefect-home" / "prefect.db"
+    with sqlite3.connect(database) as db:
+        (killed,) = [run_id for (run_id, state) in db.execute("SELECT id, state_name FROM flow_run")
+                     if state == "Running"]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    overrides = tiny_overrides(tmp_path / "artifacts", small_corpus)
+    again = subprocess.run([sys.executable, "-m", "flows", *[x for o in overrides for x in ("--set", o)]], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "ended without saying how" in again.stdout + again.stderr
+    with sqlite3.connect(database) as db:
+        states = dict(db.execute("SELECT id, state_name FROM flow_run"))
+        assert states.pop(killed) == "Crashed" and list(states.values()) == ["Completed"]
+        assert ("Running",) not in db.execute("SELECT state_name FROM task_run").fetchall()
 
 
 HANG_UP_LAUNCHER = (  # a terminal's session: the run leads it, with the pseudo-terminal as its controlling terminal
