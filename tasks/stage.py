@@ -505,10 +505,11 @@ _held_guard = threading.Lock()
 
 
 def lock_holder(root: Path) -> str:
-    """Who holds the artifacts lock, as its holder wrote it: pid, host, start time."""
+    """Who holds the artifacts lock, as its holder wrote it: pid, host, start time, and its flow run once started."""
     try:
         holder = json.loads((Path(root) / LOCK).read_text(encoding="utf-8"))
-        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+        run = f" (Prefect flow run '{holder['flow_run_name']}')" if holder.get("flow_run_name") else ""
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}{run}"
     except (OSError, ValueError, KeyError, TypeError):
         return "another process (it has not written its name yet)"
 

@@ -216,6 +216,7 @@ def test_the_temporary_api_does_not_outlive_a_killed_run_and_the_next_run_record
     next run on the same artifacts directory finds it in the lock the dead run left behind and records it Crashed."""
     import sqlite3
 
+    from tasks.stage import lock_holder
     from tests.conftest import tiny_overrides
 
     run, lines = _run_until_training(tmp_path, small_corpus)
@@ -232,8 +233,9 @@ def test_the_temporary_api_does_not_outlive_a_killed_run_and_the_next_run_record
         run.kill()
     database = tmp_path / "prefect-home" / "prefect.db"
     with sqlite3.connect(database) as db:
-        (killed,) = [run_id for (run_id, state) in db.execute("SELECT id, state_name FROM flow_run")
-                     if state == "Running"]
+        ((killed, name),) = [(run_id, name) for (run_id, name, state) in
+                             db.execute("SELECT id, name, state_name FROM flow_run") if state == "Running"]
+    assert lock_holder(tmp_path / "artifacts").endswith(f"(Prefect flow run '{name}')")  # what a waiting run says
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     env.pop("PREFECT_API_URL", None)
     overrides = tiny_overrides(tmp_path / "artifacts", small_corpus)
