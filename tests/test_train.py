@@ -220,7 +220,7 @@ def test_ctrl_c_on_torchrun_checkpoints_the_step_every_rank_finished_and_resumes
     """gloo on CPU, a real torchrun. Ctrl-C (torchrun's SIGINT, passed to each rank) used to stop every rank at once,
     losing every step since the last checkpoint; now the ranks agree at the end of the step to stop there, rank 0
     checkpoints it, and the same command resumes to the weights of a run never stopped."""
-    shard_dir, steps = _shards(tmp_path), 400
+    shard_dir, steps = _shards(tmp_path), 120
     clean = _torchrun(tmp_path / "clean", shard_dir, steps)
     assert clean.wait(timeout=300) == 0, clean.stderr.read()[-3000:]
     stopped_dir = tmp_path / "stopped"
