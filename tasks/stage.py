@@ -583,7 +583,10 @@ def hold_artifacts(root: Path, wait: bool = True, log: logging.Logger | None = N
             _held[root][1] -= 1
             if _held[root][1] == 0:
                 fd = _held.pop(root)[0]
-                os.ftruncate(fd, 0)  # let go of in order: the next holder finds no one who died holding it
+                if root in _left:  # a dead holder's name no flow run took up (flows/killed_runs.py): keep it
+                    _write_holder(fd, _left.pop(root))
+                else:
+                    os.ftruncate(fd, 0)  # let go of in order: the next holder finds no one who died holding it
                 os.close(fd)  # closing the descriptor releases the lock
 
 

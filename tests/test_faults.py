@@ -354,6 +354,24 @@ def test_a_second_run_waits_for_the_first_to_release_the_artifacts_directory(tmp
     assert held_at < released_at <= second_held_at
 
 
+def test_the_lock_keeps_a_dead_holders_name_until_a_flow_run_takes_it_up(tmp_path):
+    """What a holder that died holding the lock wrote there (its flow run) is handed to the next flow run once
+    (flows/killed_runs.py records that run Crashed). A holder that lets go without a flow run taking it up (a stage
+    run on its own, a run refused before its flow started) writes it back rather than emptying the file."""
+    from tasks.stage import hold_artifacts, lock_holder, note_holder
+
+    dead = {"pid": 1, "host": "gone", "started": "then", "flow_run": "a-run-id", "flow_run_name": "silent-otter"}
+    (tmp_path / ".lock").write_text(json.dumps(dead))
+    with hold_artifacts(tmp_path):
+        assert "silent-otter" not in lock_holder(tmp_path)  # now this process holds it
+    assert json.loads((tmp_path / ".lock").read_text()) == dead  # not taken up: kept for the next one
+    with hold_artifacts(tmp_path):
+        assert note_holder(tmp_path, flow_run="mine", flow_run_name="brave-heron") == dead
+        assert lock_holder(tmp_path).endswith("(Prefect flow run 'brave-heron')")
+        assert note_holder(tmp_path, flow_run="mine") is None  # handed over once
+    assert (tmp_path / ".lock").read_text() == ""  # let go of in order
+
+
 def test_no_wait_fails_at_once_naming_the_holder_and_a_sigkilled_holder_frees_the_lock(tmp_path, small_corpus):
     import socket
 
