@@ -41,7 +41,8 @@ def train_stage(cfg: TrainConfig, out_dir: Path, log: logging.Logger, *, tokeniz
     from tasks.training.loop import model_config, train
 
     vocab_size = shard.manifest["vocab_size"]
-    this_input = train_input(cfg.model_dump(mode="json"), key_upstream({"tokenizer": tokenizer, "shard": shard}))
+    upstream = key_upstream({"tokenizer": tokenizer, "shard": shard})
+    this_input = train_input(cfg.model_dump(mode="json"), upstream)
     mcfg = model_config(cfg, vocab_size)
     start = starting_point(cfg, mcfg, tokenizer, out_dir, log, this_input)
     if start.reuse is not None:
@@ -49,7 +50,7 @@ def train_stage(cfg: TrainConfig, out_dir: Path, log: logging.Logger, *, tokeniz
     leader = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes the artifact
     if leader:  # before the first checkpoint, so `scriptorium generate` can read one
         write_json(out_dir / MODEL_CONFIG, mcfg.model_dump())
-        write_json(out_dir / UPSTREAM, key_upstream({"tokenizer": tokenizer, "shard": shard}))
+        write_json(out_dir / UPSTREAM, upstream)
     summary, model = train(cfg, split_tokens(shard, "train"), split_tokens(shard, "val"), vocab_size, out_dir, log,
                            init=start.init, tokenizer_dir=tokenizer.path if tokenizer is not None else None)
     summary["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
