@@ -60,12 +60,23 @@ with urllib.request.urlopen(request, timeout=30) as reply:
 """
 
 
+def _without_an_api(home: Path) -> dict[str, str]:
+    """The environment of a run given no Prefect API, so that it starts a temporary one keeping its runs in `home`."""
+    env = {**os.environ, "PREFECT_HOME": str(home)}
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def _set(overrides: list[str]) -> list[str]:
+    """`python -m flows`' arguments for these overrides."""
+    return [x for o in overrides for x in ("--set", o)]
+
+
 def test_the_run_that_starts_the_local_api_is_recorded_by_it(tmp_path):
     """The first `--server` run (the one that has to start the server) must land in that server's database, not in a
     temporary API's: nothing may import Prefect (and so read PREFECT_API_URL) before the URL is set."""
     home = tmp_path / "local"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "elsewhere")}  # where a temporary API would keep its runs
-    env.pop("PREFECT_API_URL", None)
+    env = _without_an_api(tmp_path / "elsewhere")  # where a temporary API would keep its runs
     try:
         done = subprocess.run([sys.executable, "-c", FIRST_RUN, str(home)], env=env, capture_output=True, text=True,
                               timeout=240, cwd=REPO)
@@ -147,11 +158,9 @@ def _run_until_training(tmp_path: Path, small_corpus: Path) -> tuple[subprocess.
     from tests.conftest import tiny_overrides
 
     overrides = [*tiny_overrides(tmp_path / "artifacts", small_corpus), "train.max_steps=1000000"]
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}  # a temporary API keeps its runs there
-    env.pop("PREFECT_API_URL", None)
-    run = subprocess.Popen([sys.executable, "-m", "flows", *[x for o in overrides for x in ("--set", o)]], cwd=REPO,
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           start_new_session=True)
+    run = subprocess.Popen([sys.executable, "-m", "flows", *_set(overrides)], cwd=REPO,
+                           env=_without_an_api(tmp_path / "prefect-home"),  # a temporary API keeps its runs there
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
     for line in run.stdout:
         lines.append(line)
@@ -236,11 +245,9 @@ def test_the_temporary_api_does_not_outlive_a_killed_run_and_the_next_run_record
         ((killed, name),) = [(run_id, name) for (run_id, name, state) in
                              db.execute("SELECT id, name, state_name FROM flow_run") if state == "Running"]
     assert lock_holder(tmp_path / "artifacts").endswith(f"(Prefect flow run '{name}')")  # what a waiting run says
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
-    env.pop("PREFECT_API_URL", None)
     overrides = tiny_overrides(tmp_path / "artifacts", small_corpus)
-    again = subprocess.run([sys.executable, "-m", "flows", *[x for o in overrides for x in ("--set", o)]], cwd=REPO,
-                           env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run([sys.executable, "-m", "flows", *_set(overrides)], cwd=REPO,
+                           env=_without_an_api(tmp_path / "prefect-home"), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "ended without saying how" in again.stdout + again.stderr
     with sqlite3.connect(database) as db:
@@ -267,11 +274,10 @@ def test_closing_the_terminal_stops_a_run_as_sigterm_does(tmp_path, small_corpus
 
     overrides = [*tiny_overrides(tmp_path / "artifacts", small_corpus), "train.max_steps=1000000",
                  "train.checkpoint_interval=1000000"]  # the only checkpoint there can be is the one the stop writes
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
-    env.pop("PREFECT_API_URL", None)
     master, terminal = pty.openpty()
-    run = subprocess.Popen([sys.executable, "-c", HANG_UP_LAUNCHER, *[x for o in overrides for x in ("--set", o)]],
-                           cwd=REPO, env=env, stdin=terminal, stdout=terminal, stderr=terminal)
+    run = subprocess.Popen([sys.executable, "-c", HANG_UP_LAUNCHER, *_set(overrides)], cwd=REPO,
+                           env=_without_an_api(tmp_path / "prefect-home"), stdin=terminal, stdout=terminal,
+                           stderr=terminal)
     os.close(terminal)
     out = b""
     try:

@@ -42,6 +42,13 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def assert_same_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """The same tensors, to float rounding (a resumed run against one never stopped)."""
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)
+
+
 def test_schedule_warms_up_then_decays_to_the_floor():
     cfg = tiny_train_config(learning_rate=1e-3, warmup_steps=10, max_steps=100, min_lr_ratio=0.1)
     assert learning_rate(cfg, 0) == pytest.approx(1e-4)
@@ -122,10 +129,7 @@ def test_a_stopped_run_resumes_to_the_same_weights(tmp_path, never_stopped, sent
     assert again.returncode == 0
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 31))  # the steps redone after the stop are logged once
-    resumed = weights(out / "final.safetensors")
-    assert resumed.keys() == never_stopped.keys()
-    for key in resumed:
-        torch.testing.assert_close(resumed[key], never_stopped[key], rtol=0, atol=1e-6)
+    assert_same_weights(weights(out / "final.safetensors"), never_stopped)
 
 
 def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -169,6 +173,19 @@ def _shards(tmp_path: Path) -> Path:
     return shard_dir
 
 
+def _torchrun(config: TrainConfig, shard_dir: Path, out: Path, world: int) -> subprocess.Popen:
+    """DDP (gloo) training of `world` processes into `out`, torchrun in a session of its own (as in a terminal: Ctrl-C
+    reaches torchrun alone, which sends it on to every rank, each in a session of its own too)."""
+    out.mkdir(exist_ok=True)
+    config_file = out.parent / f"{out.name}.json"
+    config_file.write_text(config.model_dump_json())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+           "-m", "tasks.train", str(config_file), str(shard_dir), str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
 def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tmp_path):
     """gloo on CPU. Equal up to float reduction order; Adam amplifies rounding in near-zero gradients, so the check is
     relative: DDP(2 x 4) must sit far closer to one process with batch 8 than one process with batch 4 does."""
@@ -176,15 +193,11 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
     runs = {}
     for world, batch in ((1, 8), (2, 4), (1, 4)):
         out = tmp_path / f"world{world}-batch{batch}"
-        out.mkdir()
-        config = out / "train.json"
-        config.write_text(tiny_train_config(batch_size=batch, max_steps=6, eval_interval=6, model=ModelSection(
-            arch="gpt", n_layer=1, n_head=2, n_embd=32, block_size=16, dropout=0.0)).model_dump_json())
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               "-m", "tasks.train", str(config), str(shard_dir), str(out)]
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
+        config = tiny_train_config(batch_size=batch, max_steps=6, eval_interval=6, model=ModelSection(
+            arch="gpt", n_layer=1, n_head=2, n_embd=32, block_size=16, dropout=0.0))
+        run = _torchrun(config, shard_dir, out, world)
+        _, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr[-3000:]
         runs[world, batch] = json.loads((out / "manifest.json").read_text())
         runs[world, batch]["weights"] = weights(out / "model.safetensors")
     reference, ddp, half = runs[1, 8], runs[2, 4], runs[1, 4]
@@ -200,31 +213,19 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
     assert weight_gap(ddp) < 0.1 * weight_gap(half)
 
 
-def _torchrun(out: Path, shard_dir: Path, max_steps: int) -> subprocess.Popen:
-    """2-process DDP (gloo) training into `out`, torchrun in a session of its own (as in a terminal: Ctrl-C reaches
-    torchrun alone, which sends it on to every rank, each in a session of its own too)."""
-    out.mkdir(exist_ok=True)
-    config = out.parent / f"{out.name}.json"
-    config.write_text(tiny_train_config(batch_size=8, max_steps=max_steps, eval_interval=max_steps,
-                                        checkpoint_interval=10_000, model=ModelSection(
-                                            arch="gpt", n_layer=2, n_head=2, n_embd=64, block_size=32, dropout=0.0)
-                                        ).model_dump_json())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "tasks.train", str(config), str(shard_dir), str(out)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-
-
 def test_ctrl_c_on_torchrun_checkpoints_the_step_every_rank_finished_and_resumes_to_the_same_weights(tmp_path):
     """gloo on CPU, a real torchrun. Ctrl-C (torchrun's SIGINT, passed to each rank) used to stop every rank at once,
     losing every step since the last checkpoint; now the ranks agree at the end of the step to stop there, rank 0
     checkpoints it, and the same command resumes to the weights of a run never stopped."""
     shard_dir, steps = _shards(tmp_path), 120
-    clean = _torchrun(tmp_path / "clean", shard_dir, steps)
-    assert clean.wait(timeout=300) == 0, clean.stderr.read()[-3000:]
+    config = tiny_train_config(batch_size=8, max_steps=steps, eval_interval=steps, checkpoint_interval=10_000,
+                               model=ModelSection(arch="gpt", n_layer=2, n_head=2, n_embd=64, block_size=32,
+                                                  dropout=0.0))
+    clean = _torchrun(config, shard_dir, tmp_path / "clean", 2)
+    _, stderr = clean.communicate(timeout=300)  # read as it runs: a full pipe would stall the ranks' logging
+    assert clean.returncode == 0, stderr[-3000:]
     stopped_dir = tmp_path / "stopped"
-    run, metrics = _torchrun(stopped_dir, shard_dir, steps), stopped_dir / "metrics.jsonl"
+    run, metrics = _torchrun(config, shard_dir, stopped_dir, 2), stopped_dir / "metrics.jsonl"
     while run.poll() is None and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
         time.sleep(0.02)
     run.send_signal(signal.SIGINT)
@@ -235,11 +236,9 @@ def test_ctrl_c_on_torchrun_checkpoints_the_step_every_rank_finished_and_resumes
     assert json.loads((stopped_dir / "checkpoints" / "latest.json").read_text())["step"] == rows[-1]["step"], \
         stderr[-3000:]
     assert f"stopping at step {rows[-1]['step']} on SIGINT" in stderr
-    resumed = _torchrun(stopped_dir, shard_dir, steps)
+    resumed = _torchrun(config, shard_dir, stopped_dir, 2)
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr[-3000:]
     assert f"resuming at step {rows[-1]['step']}" in stderr
     assert [row["step"] for row in map(json.loads, metrics.read_text().splitlines())] == list(range(1, steps + 1))
-    expected, got = weights(tmp_path / "clean" / "model.safetensors"), weights(stopped_dir / "model.safetensors")
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)
+    assert_same_weights(weights(stopped_dir / "model.safetensors"), weights(tmp_path / "clean" / "model.safetensors"))
