@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline_config.acquire import AcquireConfig, SourceConfig
 from tasks.corpus.download import AcquireError, download, hub_files, url_file_name
-from tasks.corpus.formats import FileReport, documents_from, resolve_local
+from tasks.corpus.formats import FileReport, documents_from, file_format, resolve_local
 from tasks.corpus.sampling import content_hashes
 from tasks.stage import Stage, atomic_path, describe_files, prefect_task, redact
 
@@ -38,6 +38,7 @@ __all__ = ["AcquireError", "DOCUMENTS", "acquire", "download", "normalize"]
 DOCUMENTS = "documents.parquet"
 SCHEMA = pa.schema([("text", pa.string()), ("source", pa.string()), ("language", pa.string()), ("hash", pa.uint64())])
 CANDIDATES = 2048  # documents normalised, hashed and checked for duplicates together
+LARGE_PARAGRAPH = 1 << 20  # a blank-line paragraph this long is a file of lines without blank lines, not prose
 
 
 def normalize(text: str) -> str:
@@ -88,9 +89,11 @@ class DocumentWriter:
         self.pending = self.total = self.row_groups = 0
         self.counts: Counter[str] = Counter()
         self.languages: dict[str, Counter[str]] = {}
-        self.refused: tuple[int, str] | None = None  # (bytes, file) of the document the budget stopped at
+        self.refused: tuple[int, str, bool] | None = None  # the document the budget stopped at (bytes, file, lines)
+        self.one_paragraph: dict[str, int] = {}  # file -> bytes of a kept document that is a file without blank lines
 
-    def offer(self, raw: list[str], language: str, origin: str) -> bool:
+    def offer(self, raw: list[str], language: str, origin: str, paragraphs: bool = False) -> bool:
+        """`paragraphs`: the documents are a text file's blank-line paragraphs (see `one_paragraph_note`)."""
         texts = [t for t in map(normalize, raw) if len(t) >= self.cfg.min_chars]
         self.counts["dropped_short"] += len(raw) - len(texts)
         hashes = content_hashes(texts)
@@ -99,9 +102,12 @@ class DocumentWriter:
                 self.counts["duplicates"] += 1
                 continue
             size = len(text.encode("utf-8"))
+            lines = paragraphs and size > LARGE_PARAGRAPH and "\n" in text
             if self.cfg.byte_budget is not None and self.total + size > self.cfg.byte_budget:
-                self.refused = (size, origin)
+                self.refused = (size, origin, lines)
                 return False
+            if lines:
+                self.one_paragraph.setdefault(origin, size)
             for name, value in zip(SCHEMA.names, (text, origin, language, digest)):
                 self.rows[name].append(value)
             self.total, self.pending = self.total + size, self.pending + size
@@ -127,15 +133,25 @@ class DocumentWriter:
         self.rows, self.pending = {name: [] for name in SCHEMA.names}, 0
 
 
+def one_paragraph_note(origin: str, size: int) -> str:
+    return (f"{origin} has no blank line in {size / 1e6:.1f} MB: a text file is cut into documents at blank lines "
+            "(split_by: paragraph) and validation holds out whole documents, so set split_by: line on its source "
+            "for a document per line")
+
+
 def _read_file(path: Path, source: SourceConfig, documents: DocumentWriter, log: logging.Logger) -> None:
     report = FileReport()
     stream: Iterator[str] = documents_from(path, source, report)
+    paragraphs = source.document_split == "paragraph" and file_format(path, source) == "txt"
     try:
         while group := list(itertools.islice(stream, CANDIDATES)):
-            if not documents.offer(group, source.language, path.name):
+            if not documents.offer(group, source.language, path.name, paragraphs):
                 break
     finally:
         stream.close()  # stops reading the file where the budget was reached
+    if path.name in documents.one_paragraph:
+        size = documents.one_paragraph[path.name]
+        log.warning("acquire: %s", one_paragraph_note(path.name, size))
     if report.replaced:
         documents.counts[f"replaced:{path.name}"] += report.replaced
         log.warning("acquire: %s: %d invalid %s byte sequences replaced by U+FFFD (errors: replace)",
@@ -144,9 +160,9 @@ def _read_file(path: Path, source: SourceConfig, documents: DocumentWriter, log:
 
 def _nothing_kept(cfg: AcquireConfig, documents: DocumentWriter) -> str:
     if documents.refused:
-        size, origin = documents.refused
+        size, origin, one_paragraph = documents.refused
         return (f"acquire.byte_budget ({cfg.byte_budget} bytes) is smaller than the first document ({size} bytes, in "
-                f"{origin}): raise it")
+                f"{origin})" + (f"; {one_paragraph_note(origin, size)}" if one_paragraph else ": raise it"))
     counts = documents.counts
     where = ", ".join(s.path or s.url or s.dataset or s.kind for s in cfg.sources)
     return (f"acquire.sources ({redact(where)}) gave no documents: {counts['dropped_short']} shorter than "

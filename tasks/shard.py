@@ -41,9 +41,13 @@ from pipeline_config.shard import ShardConfig
 from tasks.corpus.reader import Chunk, Corpus
 from tasks.corpus.runner import task_mapper
 from tasks.corpus.sampling import BUCKETS, SPLIT, bucket
-from tasks.stage import Artifact, Stage, atomic_path, describe_files, prefect_task
+from tasks.stage import Artifact, PipelineError, Stage, atomic_path, describe_files, prefect_task
 
 RUNS = ".runs"
+
+
+class ShardError(PipelineError, ValueError):
+    """The corpus cannot be split: nothing to train on, or nothing held out to validate on."""
 
 
 def held_out(hashes: np.ndarray, val_fraction: float, forced: frozenset[int] = frozenset()) -> np.ndarray:
@@ -199,6 +203,19 @@ def shard_splits(cfg: ShardConfig, splits: dict[str, list[str]], tokenizer_dir: 
     return _shard(cfg, chunks, frozenset(), tokenizer_dir, out_dir, log)
 
 
+def _check_splits(layout: list[dict[str, Any]], totals: dict[str, Any]) -> None:
+    streams = {s["stream"].split("-", 1)[0] for s in layout}
+    if "train" not in streams:
+        raise ShardError("shard: no training documents (the corpus is empty or entirely held out)")
+    if "val" not in streams:
+        languages = totals["train"]["languages"]
+        count = ", ".join(f"{row['documents']} document{'s' * (row['documents'] != 1)} ({lang})"
+                          for lang, row in languages.items())
+        raise ShardError(f"shard: no held-out text: validation holds out whole documents, at least one of each "
+                         f"language that has two, and the corpus has {count}; give acquire more documents (a text "
+                         "file without blank lines is one document unless its source sets split_by: line)")
+
+
 def _shard(cfg: ShardConfig, chunks: list[tuple[Chunk, str | None]], forced: frozenset[int], tokenizer_dir: Path,
            out_dir: Path, log: logging.Logger) -> dict[str, Any]:
     runs_dir, started = Path(out_dir) / RUNS, time.perf_counter()
@@ -208,12 +225,16 @@ def _shard(cfg: ShardConfig, chunks: list[tuple[Chunk, str | None]], forced: fro
     with task_mapper(cfg.runner, cfg.num_workers, log) as run:
         results = run(tokenize_chunk, calls, "shard: chunks tokenized", size=lambda result: result["text_bytes"])
         layout = shard_layout([r["runs"] for r in results], str(runs_dir), cfg.tokens_per_shard)
-        if not any(s["stream"] == "train" for s in layout):
-            raise ValueError("shard: no training documents (the corpus is empty or entirely held out)")
+        totals = _totals([r["stats"] for r in results])
+        try:
+            _check_splits(layout, totals)
+        except ShardError:
+            shutil.rmtree(runs_dir)
+            raise
         run(write_shard, [{"file": s["file"], "pieces": s.pop("pieces"), "out_dir": str(out_dir),
                            "level": cfg.compression_level} for s in layout], "shard: shards written")
     shutil.rmtree(runs_dir)
-    totals, files = _totals([r["stats"] for r in results]), describe_files(out_dir, [s["file"] for s in layout])
+    files = describe_files(out_dir, [s["file"] for s in layout])
     shards = [{"file": s["file"], "split": s["stream"].split("-", 1)[0], "language": s["stream"].partition("-")[2] or
                None, "tokens": s["tokens"], "sha256": files[s["file"]]["sha256"]} for s in layout]
     log.info("shard: %d shards, %d train / %d val tokens (val: %s), %.1f MB/s", len(shards), totals["train"]["tokens"],

@@ -167,6 +167,29 @@ def test_a_byte_budget_below_the_first_document_says_so(tmp_path):
     assert not (tmp_path / "out" / "documents.parquet").exists()
 
 
+def test_a_text_file_without_blank_lines_is_said_to_be_one_document(tmp_path, monkeypatch, caplog):
+    """A file of lines with no blank line between them (as many corpora are) is one paragraph, so one document: the
+    budget error said "raise it", and a budget that held it left no document to hold out for validation. Both now
+    name the source's `split_by: line`."""
+    import tasks.acquire as acquire_module
+
+    monkeypatch.setattr(acquire_module, "LARGE_PARAGRAPH", 1000)
+    (tmp_path / "lines.txt").write_text("".join(f"la phrase numéro {i} du débat.\n" for i in range(100)))
+    source = SourceConfig(path=str(tmp_path / "lines.txt"))
+    with pytest.raises(AcquireError, match=r"smaller than the first document \(\d+ bytes, in lines.txt\); lines.txt "
+                                           r"has no blank line in [\d.]+ MB.*set split_by: line on its source"):
+        acquire(AcquireConfig(sources=[source], byte_budget=1500), tmp_path / "out", LOG)
+    with caplog.at_level(logging.WARNING):
+        manifest = acquire(AcquireConfig(sources=[source]), tmp_path / "out", LOG)
+    assert manifest["documents"] == 1
+    assert re.search(r"lines.txt has no blank line in [\d.]+ MB.*set split_by: line", caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        manifest = acquire(AcquireConfig(sources=[SourceConfig(path=str(tmp_path / "lines.txt"), split_by="line")]),
+                           tmp_path / "out", LOG)
+    assert manifest["documents"] == 100 and "split_by" not in caplog.text
+
+
 def test_reading_stops_at_the_byte_budget(tmp_path, monkeypatch):
     """Past the budget the file holds an invalid byte: reading it would fail, so passing proves it was not read."""
     monkeypatch.setattr(formats, "BLOCK", 1 << 12)

@@ -459,3 +459,17 @@ def test_a_host_name_that_does_not_resolve_is_not_retried_a_temporary_dns_failur
     with pytest.raises(AcquireError, match="cannot reach the hub at https://hub.example") as err:
         acquire(AcquireConfig(sources=[source]), tmp_path / "hub", LOG)
     assert err.value.transient is transient
+
+
+def test_a_corpus_of_one_document_has_no_held_out_text_and_shard_says_so(tmp_path, small_corpus):
+    """The split holds out whole documents, so one document (a text file with no blank line, read as paragraphs)
+    leaves validation empty: shard wrote its train shards anyway and train died on a ValueError traceback."""
+    from tasks.shard import ShardError
+
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    build_tokenizer(TokenizerConfig(vocab_size=320), _records(small_corpus), tok_dir, LOG)
+    one = [{"text": "\n".join(r["text"] for r in _records(small_corpus)), "language": "fr"}]
+    with pytest.raises(ShardError, match=r"no held-out text: .*whole documents.*1 document \(fr\).*split_by: line"):
+        shard_corpus(ShardConfig(val_fraction=0.1), Corpus.from_records(one), tok_dir, tmp_path / "out", LOG)
+    assert not list((tmp_path / "out").glob("*.parquet"))
