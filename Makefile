@@ -20,7 +20,7 @@ POOL ?= scriptorium
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup run test ui clean server worker deploy serve browser screenshots
+.PHONY: setup run test ui clean prune server worker deploy serve browser screenshots
 
 $(STAMP): pyproject.toml $(wildcard patches/*.patch) patches/install_llama_cpp.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -85,3 +85,9 @@ clean:
 	  artifacts/.prefect-results; status=$$?; [ $$status -ne 75 ] || \
 	  echo "error: a run holds artifacts/ ($$(cat artifacts/.lock)): wait for it to finish" >&2; exit $$status
 	@echo "removed the stage outputs in artifacts/; kept artifacts/mlflow (every registered version: delete it by hand)"
+
+# Removes the stage outputs that none of the KEEP newest registered versions came from (flows/prune.py); DRY=1 says
+# what it would remove. Keeps artifacts/mlflow, what finished since those versions, and unfinished stages.
+KEEP ?= 3
+prune: $(STAMP)
+	$(VENV)/bin/scriptorium prune --keep $(KEEP) $(if $(DRY),--dry-run)

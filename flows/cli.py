@@ -6,6 +6,7 @@
     scriptorium export --model models:/NAME@champion --format gguf --quant q8_0 --out DIR
     scriptorium models                                            registered models, versions, aliases, metrics
     scriptorium attention --model models:/NAME@champion --prompt "the dog" --out DIR   a heat map per layer and head
+    scriptorium prune [--keep 3] [--dry-run]                      remove stage outputs no recent version came from
 
 The verbs and sampling flags are the ones people know from litgpt (`generate`, `export`) and llama.cpp
 (`--temperature`, `--top-k`, `--top-p`, `--seed`). `--model` takes a registry URI (an alias or a version) or a
@@ -393,6 +394,40 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from flows.prune import prune, report
+    from tasks.stage import PipelineError
+
+    root = Path(args.artifacts_dir)
+    if not root.is_dir():
+        raise CLIError(f"{root}: no such artifacts directory (--artifacts-dir, or a preset's artifacts_dir)")
+    try:
+        result, records = prune(root, args.keep, dry_run=args.dry_run, wait=not args.no_wait)
+    except PipelineError as err:  # another run holds the artifacts lock (--no-wait)
+        raise CLIError(str(err)) from None
+    print("\n".join(report(root.resolve(), result, args.keep, records, args.dry_run)))
+    return 0
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def _prune_parser(sub) -> None:
+    prune = sub.add_parser("prune", help="remove stage outputs that no recent registered version came from",
+                           description="Remove finished stage directories under the artifacts directory, keeping "
+                                       "the lineage of the newest registered runs, everything finished since, and "
+                                       "unfinished stages; the MLflow store is never touched.")
+    prune.add_argument("--artifacts-dir", default="artifacts", help="the pipeline's artifacts_dir (default: artifacts)")
+    prune.add_argument("--keep", type=_count, default=3, help="how many of the newest registered runs to keep the "
+                                                               "lineage of (default 3)")
+    prune.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    prune.add_argument("--no-wait", action="store_true", help="fail at once if a run holds the artifacts directory")
+    prune.set_defaults(func=cmd_prune)
+
+
 # ---------------------------------------------------------------------------------------------------------- parser
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
@@ -448,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="List registered models, versions, aliases and their metrics.")
     models.add_argument("--tracking-uri", default=_default_tracking_uri(), help="MLflow tracking store")
     models.set_defaults(func=cmd_models)
+    _prune_parser(sub)
     return parser
 
 

@@ -124,3 +124,44 @@ def test_deleted_mlflow_store_is_registered_again(build_model, tmp_path, small_c
     assert "evaluate Cached, export Cached, register Completed" in again.stdout
     assert "version 1" in again.stdout and (tmp_path / "artifacts" / "mlflow" / "mlflow.db").is_file()
     assert build_model(preset="quickstart", overrides=overrides)["stages"]["register"] == "Cached"
+
+
+def test_prune_keeps_the_newest_versions_lineage_and_unfinished_stages_and_removes_the_rest(build_model, tmp_path,
+                                                                                            small_corpus, capsys):
+    """`scriptorium prune --keep 1` after two versions that share acquire, tokenizer and shard: version 1's train,
+    evaluate, export and register directories go, with the Prefect records pointing at them; version 2's lineage and
+    a training run stopped before its manifest (its checkpoints) stay; version 2's configuration is still all
+    Cached, and version 1's re-runs only the stages that were removed."""
+    from flows.cli import main as cli
+
+    root = tmp_path / "artifacts"
+    overrides = tiny_overrides(root, small_corpus)
+    first = build_model(preset="quickstart", overrides=overrides)
+    second = build_model(preset="quickstart", overrides=overrides + ["train.max_steps=9"])
+    assert second["registered"]["version"] == "2"
+    stopped = root / "train" / "0123456789abcdef" / "checkpoints" / "step-5"
+    stopped.mkdir(parents=True)
+    (stopped / "model.safetensors").write_bytes(b"\0" * 1000)
+    before = {p.relative_to(root).as_posix() for p in root.glob("*/*/") if p.parent.name != "mlflow"}
+    records = len(list((root / ".prefect-results").iterdir()))
+
+    capsys.readouterr()
+    assert cli(["prune", "--artifacts-dir", str(root), "--keep", "1", "--dry-run"]) == 0
+    assert "would remove 4 stage directories" in capsys.readouterr().out
+    assert {p.relative_to(root).as_posix() for p in root.glob("*/*/") if p.parent.name != "mlflow"} == before
+
+    assert cli(["prune", "--artifacts-dir", str(root), "--keep", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "removed 4 stage directories" in out and "4 cache records" in out and "version 2" in out
+    assert "left 1 unfinished stage directories" in out and "train/0123456789abcdef" in out
+    after = {p.relative_to(root).as_posix() for p in root.glob("*/*/") if p.parent.name != "mlflow"}
+    assert {p.split("/")[0] for p in before - after} == {"train", "evaluate", "export", "register"}
+    assert (stopped / "model.safetensors").is_file()
+    assert len(list((root / ".prefect-results").iterdir())) == records - 4
+
+    assert set(build_model(preset="quickstart", overrides=overrides + ["train.max_steps=9"])["stages"].values()) \
+        == {"Cached"}
+    again = build_model(preset="quickstart", overrides=overrides)
+    assert [again["stages"][s] for s in ("acquire", "tokenizer", "shard", "train", "register")] == \
+        ["Cached", "Cached", "Cached", "Completed", "Completed"]
+    assert again["registered"]["version"] == first["registered"]["version"]  # the same lineage: no new version
