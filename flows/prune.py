@@ -12,12 +12,15 @@ every night. `prune` keeps
   there),
 
 and removes the other finished stage directories, with the Prefect cache records that point at them (a removed
-stage simply runs again if its configuration comes back). The MLflow store (`artifacts/mlflow`: every registered
-version's model, a copy of its own) is never touched. It holds the artifacts lock, so it never removes what a run
-is writing, and it removes a directory's manifest first, so one cut short halfway is a stage that runs again.
+stage simply runs again if its configuration comes back), and the downloaded files (`acquire/.downloads/`) that only
+removed acquire directories read (none while an acquire directory is unfinished: it may be resuming one). The
+MLflow store (`artifacts/mlflow`: every registered version's model, a copy of its own) is never touched. It holds
+the artifacts lock, so it never removes what a run is writing, and it removes a directory's manifest first, so one
+cut short halfway is a stage that runs again.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.acquire import DOWNLOADS
 from tasks.stage import MANIFEST, PIPELINE, fingerprint, hold_artifacts, read_manifest, results_dir
 
 
@@ -49,6 +53,7 @@ class Plan:
     removed: list[Entry] = field(default_factory=list)
     unfinished: list[Entry] = field(default_factory=list)
     roots: list[Entry] = field(default_factory=list)  # the register artifacts whose lineage is kept, newest first
+    downloads: list[Entry] = field(default_factory=list)  # folders under acquire/.downloads only removed ones read
 
 
 def _size(path: Path) -> int:
@@ -65,7 +70,7 @@ def _size(path: Path) -> int:
 def stage_entries(root: Path) -> list[Entry]:
     entries = []
     for stage in PIPELINE:
-        for path in sorted(p for p in (Path(root) / stage).glob("*") if p.is_dir() and not p.is_symlink()):
+        for path in sorted(p for p in (Path(root) / stage).glob("[!.]*") if p.is_dir() and not p.is_symlink()):
             manifest = read_manifest(path / MANIFEST)
             finished = (path / MANIFEST).stat().st_mtime if manifest is not None else 0.0
             entries.append(Entry(stage, path, _size(path), manifest, finished))
@@ -92,7 +97,19 @@ def plan(root: Path, keep: int) -> Plan:
     since = min(e.finished for e in result.roots)
     for entry in finished:
         (result.kept if entry.fingerprint in wanted or entry.finished >= since else result.removed).append(entry)
+    result.downloads = _unread_downloads(Path(root), result)
     return result
+
+
+def _unread_downloads(root: Path, result: Plan) -> list[Entry]:
+    if any(e.stage == "acquire" for e in result.unfinished):
+        return []
+
+    def read(entries: list[Entry]) -> set[str]:
+        return {f for e in entries if e.stage == "acquire" for f in e.manifest.get("downloads", [])}
+
+    folders = [root / "acquire" / DOWNLOADS / f for f in sorted(read(result.removed) - read(result.kept))]
+    return [Entry("acquire", f, _size(f)) for f in folders if f.is_dir()]
 
 
 def _drop_records(root: Path, removed: set[str]) -> int:
@@ -120,6 +137,11 @@ def prune(root: Path, keep: int, dry_run: bool = False, wait: bool = True) -> tu
         for entry in result.removed:
             (entry.path / MANIFEST).unlink()  # first: a removal cut short leaves a stage that runs again
             shutil.rmtree(entry.path)
+        for entry in result.downloads:
+            shutil.rmtree(entry.path)
+            for parent in entry.path.relative_to(root / "acquire" / DOWNLOADS).parents[:-1]:  # hf/org/ left empty
+                with contextlib.suppress(OSError):
+                    (root / "acquire" / DOWNLOADS / parent).rmdir()
         return result, _drop_records(root, {e.path.relative_to(root).as_posix() for e in result.removed})
 
 
@@ -141,9 +163,10 @@ def report(root: Path, result: Plan, keep: int, records: int, dry_run: bool) -> 
         return [f"{root}: no register artifact yet, so nothing is old: kept {len(result.kept)} stage directories "
                 f"({_mb(result.kept)})"]
     verb = "would remove" if dry_run else "removed"
-    lines = [f"{verb} {root / e.stage / e.path.name} ({_human(e.size)})" for e in result.removed]
+    lines = [f"{verb} {e.path} ({_human(e.size)})" for e in result.removed + result.downloads]
     versions = ", ".join(str(e.manifest.get("version", "?")) for e in result.roots)
-    lines.append(f"{verb} {len(result.removed)} stage directories ({_mb(result.removed)})"
+    downloads = f", {len(result.downloads)} download folders ({_mb(result.downloads)})" if result.downloads else ""
+    lines.append(f"{verb} {len(result.removed)} stage directories ({_mb(result.removed)}){downloads}"
                  + ("" if dry_run else f" and {records} cache records") + f"; kept {len(result.kept)} "
                  f"({_mb(result.kept)}): the lineage of the {len(result.roots)} newest registered run(s) (version "
                  f"{versions}; --keep {keep}) and everything finished since")

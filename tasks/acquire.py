@@ -11,7 +11,9 @@ which every later choice about the document is made (`tasks/corpus/sampling.py`)
 hashes, 8 bytes per document kept.
 
 Where documents come from is `tasks/corpus/`: the file formats and encodings (`formats.py`) and downloads that resume
-and verify (`download.py`).
+and verify (`download.py`). In the pipeline, remote files are downloaded once into `acquire/.downloads/`, beside the
+acquire directories, so a run that changes the byte budget (or acquire's code) reads the 2 GB it already has; each
+manifest names the folders there it read (`downloads`), which is how `scriptorium prune` knows what is still used.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ __all__ = ["AcquireError", "DOCUMENTS", "acquire", "download", "normalize"]
 
 DOCUMENTS = "documents.parquet"
 SCHEMA = pa.schema([("text", pa.string()), ("source", pa.string()), ("language", pa.string()), ("hash", pa.uint64())])
+DOWNLOADS = ".downloads"  # in the pipeline: beside the acquire directories, shared by all of them
 CANDIDATES = 2048  # documents normalised, hashed and checked for duplicates together
 LARGE_PARAGRAPH = 1 << 20  # a blank-line paragraph this long is a file of lines without blank lines, not prose
 
@@ -48,14 +51,20 @@ def normalize(text: str) -> str:
     return text.strip()
 
 
-def _source_files(source: SourceConfig, out_dir: Path, log: logging.Logger) -> list[Path]:
+def download_folder(source: SourceConfig) -> str | None:
+    """Where a remote source's files go, relative to the downloads folder (None for a local source)."""
+    if source.kind == "http":
+        return hashlib.sha256(source.url.encode()).hexdigest()[:12]
+    return f"hf/{source.dataset}/{source.revision}" if source.kind == "hf" else None
+
+
+def _source_files(source: SourceConfig, downloads: Path, log: logging.Logger) -> list[Path]:
     if source.kind == "local":
         return resolve_local(source.path)
     if source.kind == "http":
-        name = url_file_name(source.url)
-        digest = hashlib.sha256(source.url.encode()).hexdigest()[:12]
-        return [download(source.url, out_dir / "downloads" / digest / name, source.sha256, log)]
-    return hub_files(source, out_dir, log)
+        return [download(source.url, downloads / download_folder(source) / url_file_name(source.url), source.sha256,
+                         log)]
+    return hub_files(source, downloads, log)
 
 
 class SeenHashes:
@@ -169,12 +178,16 @@ def _nothing_kept(cfg: AcquireConfig, documents: DocumentWriter) -> str:
             f"acquire.min_chars, {counts['duplicates']} duplicates; check the paths, format and min_chars")
 
 
-def acquire(cfg: AcquireConfig, out_dir: Path, log: logging.Logger | None = None) -> dict[str, Any]:
+def acquire(cfg: AcquireConfig, out_dir: Path, log: logging.Logger | None = None,
+            downloads: Path | None = None) -> dict[str, Any]:
+    """Documents into `out_dir/documents.parquet`; remote files are kept in `downloads` (default: `out_dir/downloads`,
+    the stage passes the folder its directories share)."""
     log = log or logging.getLogger(__name__)
+    downloads = Path(downloads) if downloads is not None else Path(out_dir) / "downloads"
     with atomic_path(out_dir / DOCUMENTS) as tmp, pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
         documents = DocumentWriter(writer, cfg)
         for source in cfg.sources:
-            for path in _source_files(source, out_dir, log):
+            for path in _source_files(source, downloads, log):
                 _read_file(path, source, documents, log)
                 log.info("acquire: %s -> %d documents, %.2f MB so far", path.name, documents.kept,
                          documents.total / 1e6)
@@ -197,8 +210,14 @@ def acquire(cfg: AcquireConfig, out_dir: Path, log: logging.Logger | None = None
         "budget_reached": documents.full,
         "row_groups": documents.row_groups,
         "languages": {lang: dict(c) for lang, c in sorted(documents.languages.items())},
+        "downloads": sorted({folder for source in cfg.sources if (folder := download_folder(source))}),
         "files": describe_files(out_dir, [DOCUMENTS]),
     }
+
+
+def acquire_stage(cfg: AcquireConfig, out_dir: Path, log: logging.Logger) -> dict[str, Any]:
+    """What the pipeline runs: `acquire` with the downloads folder every acquire directory shares."""
+    return acquire(cfg, out_dir, log, downloads=Path(out_dir).parent / DOWNLOADS)
 
 
 def source_fingerprint(cfg: AcquireConfig) -> list[Any]:
@@ -213,5 +232,5 @@ def source_fingerprint(cfg: AcquireConfig) -> list[Any]:
     return seen
 
 
-STAGE = Stage(name="acquire", run=acquire, external=source_fingerprint, retries=2, retry_delay_seconds=5)
+STAGE = Stage(name="acquire", run=acquire_stage, external=source_fingerprint, retries=2, retry_delay_seconds=5)
 acquire_task = prefect_task(STAGE)

@@ -81,6 +81,26 @@ def test_download_resumes_with_a_range_request_and_checks_the_checksum(tmp_path)
             download(url, tmp_path / "other.jsonl", "0" * 64, LOG, timeout=5)
 
 
+def test_a_new_byte_budget_reads_the_file_already_downloaded(tmp_path):
+    """Against a loopback HTTP server (no internet here): the pipeline's acquire downloads a remote file once into
+    the folder its directories share, so a second key (another byte budget) reads it without a request; each
+    manifest names that folder (what `scriptorium prune` follows)."""
+    from tasks.acquire import DOWNLOADS, STAGE
+
+    payload = b"".join(json.dumps({"text": f"story number {i}"}).encode() + b"\n" for i in range(2000))
+    _RangeHandler.payload, _RangeHandler.fail_after, _RangeHandler.ranges = payload, None, []
+    with LoopbackServer(_RangeHandler) as server:
+        source = SourceConfig(kind="http", url=f"{server.url}/stories.jsonl")
+        small = STAGE.execute(AcquireConfig(sources=[source], byte_budget=10_000), {}, tmp_path, LOG)
+        large = STAGE.execute(AcquireConfig(sources=[source], byte_budget=30_000), {}, tmp_path, LOG)
+    assert len(_RangeHandler.ranges) == 1
+    assert small.path != large.path and large.manifest["bytes"] > small.manifest["bytes"]
+    [folder] = large.manifest["downloads"]
+    assert small.manifest["downloads"] == [folder]
+    assert (tmp_path / "acquire" / DOWNLOADS / folder / "stories.jsonl").read_bytes() == payload
+    assert not list(tmp_path.glob("acquire/*/downloads"))
+
+
 def test_a_file_changed_on_the_server_is_not_glued_onto_its_old_beginning(tmp_path):
     """A loopback server that sends ETags and honours If-Range as nginx and S3 do (no internet here): the first
     transfer is cut, the file is replaced on the server, and the re-run (no sha256 configured) must come back with

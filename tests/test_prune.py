@@ -4,15 +4,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from flows.prune import plan
+from flows.prune import plan, prune
 from tasks.stage import MANIFEST, write_manifest
 
 
-def _stage(root: Path, stage: str, key: str, when: int, **upstream: str) -> str:
+def _stage(root: Path, stage: str, key: str, when: int, downloads: tuple[str, ...] = (), **upstream: str) -> str:
     """A finished stage directory whose manifest was written at `when`; returns its fingerprint."""
     (root / stage / key).mkdir(parents=True)
     (root / stage / key / "weights.bin").write_bytes(b"\0" * 100)
-    artifact = write_manifest(root / stage / key, stage, {"cache_key": key, "upstream": upstream, "version": key})
+    fields = {"cache_key": key, "upstream": upstream, "version": key, "downloads": list(downloads)}
+    artifact = write_manifest(root / stage / key, stage, fields)
     os.utime(root / stage / key / MANIFEST, (when, when))
     return artifact.fingerprint
 
@@ -35,6 +36,30 @@ def test_what_was_finished_after_the_oldest_kept_version_stays_even_outside_its_
     assert _names(newest.kept) == {"shard/s", "train/t2", "register/r2", "train/t3"}
     assert _names(newest.unfinished) == {"train/t4"} and _names(newest.roots) == {"register/r2"}
     assert plan(tmp_path, keep=2).removed == []
+
+
+def test_a_download_goes_with_the_last_acquire_directory_that_read_it(tmp_path):
+    """Two byte budgets over the same two remote files, then a corpus of one of them: the folder only the old acquire
+    read goes, the shared one stays; while an acquire directory is unfinished (maybe resuming a download), none go."""
+    for folder in ("aaa", "bbb", "hf/org/tiny/main"):
+        (tmp_path / "acquire" / ".downloads" / folder).mkdir(parents=True)
+        (tmp_path / "acquire" / ".downloads" / folder / "data.jsonl").write_text("{}")
+    _stage(tmp_path, "acquire", "a0", 50, downloads=("aaa", "bbb"))
+    old = _stage(tmp_path, "acquire", "a1", 100, downloads=("aaa", "bbb", "hf/org/tiny/main"))
+    new = _stage(tmp_path, "acquire", "a2", 300, downloads=("bbb",))
+    _stage(tmp_path, "register", "r1", 200, acquire=old)
+    _stage(tmp_path, "register", "r2", 400, acquire=new)
+
+    result = plan(tmp_path, keep=1)
+    assert _names(result.removed) == {"acquire/a0", "acquire/a1", "register/r1"}
+    assert sorted(e.path.relative_to(tmp_path / "acquire" / ".downloads").as_posix() for e in result.downloads) == \
+        ["aaa", "hf/org/tiny/main"]
+    assert ".downloads" not in {e.path.name for e in result.kept + result.unfinished}
+    (tmp_path / "acquire" / "a3").mkdir()
+    assert plan(tmp_path, keep=1).downloads == []
+    (tmp_path / "acquire" / "a3").rmdir()
+    prune(tmp_path, keep=1)
+    assert sorted(p.name for p in (tmp_path / "acquire" / ".downloads").iterdir()) == ["bbb"]
 
 
 def test_without_a_register_artifact_nothing_is_old(tmp_path):

@@ -263,8 +263,8 @@ def _receive(response: Any, part: Path, offset: int, url: str, sha256: str | Non
 HUB_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz")
 
 
-def hub_files(source: SourceConfig, out_dir: Path, log: logging.Logger) -> list[Path]:
-    """The Parquet/JSONL files of a hub dataset split, downloaded into `out_dir/downloads/hf/...`."""
+def hub_files(source: SourceConfig, downloads: Path, log: logging.Logger) -> list[Path]:
+    """The Parquet/JSONL files of a hub dataset split, downloaded into `downloads/hf/<dataset>/<revision>/...`."""
     base = source.endpoint.rstrip("/")
     token = os.environ.get(source.token_env) or None
     revision = urllib.parse.quote(source.revision, safe="")
@@ -279,7 +279,7 @@ def hub_files(source: SourceConfig, out_dir: Path, log: logging.Logger) -> list[
             f"hub dataset '{source.dataset}' has no {'/'.join(HUB_SUFFIXES)} file with '{source.split}' in its name "
             f"(it has {sorted(e['path'] for e in files)[:10]}): set acquire.sources[].split"
         )
-    root = out_dir / "downloads" / "hf"
+    root = downloads / "hf"
     folder = confined(root, f"{source.dataset}/{source.revision}", f"hub dataset '{source.dataset}'")
     # every name is checked before the first byte is written: a hostile listing writes nothing anywhere
     destinations = [confined(folder, entry["path"], f"hub dataset '{source.dataset}' at {base}") for entry in wanted]
