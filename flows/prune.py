@@ -7,9 +7,10 @@ every night. `prune` keeps
 - the lineage of the `keep` newest register artifacts (each registered version: its register, export, evaluate,
   train, shard, tokenizer, synthesize and acquire directories, found through the fingerprints each manifest records
   of its inputs), so re-running any of those configurations is still all Cached;
-- every directory finished since the oldest of those (a run that failed or was stopped after it, to be re-run);
+- every directory finished since the oldest of those (a run that failed or was stopped after it, to be re-run), and
+  its inputs;
 - every directory without a manifest (a stage that did not finish: a training run to resume holds its checkpoints
-  there),
+  there), and the inputs such a training run names in its `upstream.json`;
 
 and removes the other finished stage directories, with the Prefect cache records that point at them (a removed
 stage simply runs again if its configuration comes back), and the downloaded files (`acquire/.downloads/`) that only
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.acquire import DOWNLOADS
+from tasks.train import UPSTREAM
 from tasks.stage import MANIFEST, PIPELINE, fingerprint, hold_artifacts, read_manifest, results_dir
 
 
@@ -87,18 +89,28 @@ def plan(root: Path, keep: int) -> Plan:
         result.kept = finished
         return result
     by_fingerprint = {e.fingerprint: e for e in finished}
-    wanted, todo = set(), [e.fingerprint for e in result.roots]
+    since = min(e.finished for e in result.roots)
+    wanted, todo = set(), [e.fingerprint for e in finished if e.finished >= since]
+    todo += [f for e in result.unfinished for f in _started_on(e)]
     while todo:
         current = todo.pop()
         if current in wanted or current not in by_fingerprint:
             continue
         wanted.add(current)
         todo.extend(by_fingerprint[current].manifest.get("upstream", {}).values())
-    since = min(e.finished for e in result.roots)
     for entry in finished:
-        (result.kept if entry.fingerprint in wanted or entry.finished >= since else result.removed).append(entry)
+        (result.kept if entry.fingerprint in wanted else result.removed).append(entry)
     result.downloads = _unread_downloads(Path(root), result)
     return result
+
+
+def _started_on(entry: Entry) -> list[str]:
+    """The input fingerprints an unfinished training run wrote as it started (so resuming it finds its shard)."""
+    try:
+        upstream = json.loads((entry.path / UPSTREAM).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [f for f in upstream.values() if isinstance(f, str)] if isinstance(upstream, dict) else []
 
 
 def _unread_downloads(root: Path, result: Plan) -> list[Entry]:

@@ -1,6 +1,7 @@
 """`flows/prune.py`'s choice of what to keep, on stage directories written with the pipeline's own manifests."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -24,16 +25,18 @@ def _names(entries) -> set[str]:
 
 def test_what_was_finished_after_the_oldest_kept_version_stays_even_outside_its_lineage(tmp_path):
     """A run that failed after the newest version (its train finished, nothing registered) is to be re-run: its
-    train stays. The older version's own train goes; the shard both versions read stays."""
+    train and the older shard it read stay, as does the shard a stopped training run names. The older version's own
+    train goes; the shard both versions read stays."""
     shard = _stage(tmp_path, "shard", "s", 100)
     _stage(tmp_path, "register", "r1", 300, train=_stage(tmp_path, "train", "t1", 200, shard=shard))
     _stage(tmp_path, "register", "r2", 500, train=_stage(tmp_path, "train", "t2", 400, shard=shard))
-    _stage(tmp_path, "train", "t3", 600, shard=shard)
-    (tmp_path / "train" / "t4" / "checkpoints").mkdir(parents=True)  # unfinished: no manifest
+    _stage(tmp_path, "train", "t3", 600, shard=_stage(tmp_path, "shard", "s0", 50))  # on an older shard: it stays
+    (tmp_path / "train" / "t4" / "checkpoints").mkdir(parents=True)  # unfinished: no manifest, resumed later
+    (tmp_path / "train" / "t4" / "upstream.json").write_text(json.dumps({"shard": _stage(tmp_path, "shard", "s1", 60)}))
 
     newest = plan(tmp_path, keep=1)
     assert _names(newest.removed) == {"register/r1", "train/t1"}
-    assert _names(newest.kept) == {"shard/s", "train/t2", "register/r2", "train/t3"}
+    assert _names(newest.kept) == {"shard/s", "train/t2", "register/r2", "train/t3", "shard/s0", "shard/s1"}
     assert _names(newest.unfinished) == {"train/t4"} and _names(newest.roots) == {"register/r2"}
     assert plan(tmp_path, keep=2).removed == []
 
