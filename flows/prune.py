@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks.acquire import DOWNLOADS
-from tasks.train import UPSTREAM
 from tasks.stage import MANIFEST, PIPELINE, fingerprint, hold_artifacts, read_manifest, results_dir
+from tasks.train import UPSTREAM
 
 
 @dataclass
