@@ -7,6 +7,7 @@
     scriptorium models                                            registered models, versions, aliases, metrics
     scriptorium attention --model models:/NAME@champion --prompt "the dog" --out DIR   a heat map per layer and head
     scriptorium prune [--keep 3] [--dry-run]                      remove stage outputs no recent version came from
+    scriptorium relocate [--artifacts-dir DIR]                    after moving artifacts/: its MLflow store follows
 
 The verbs and sampling flags are the ones people know from litgpt (`generate`, `export`) and llama.cpp
 (`--temperature`, `--top-k`, `--top-p`, `--seed`). `--model` takes a registry URI (an alias or a version) or a
@@ -95,7 +96,8 @@ def _registry_files(uri: str, tracking_uri: str) -> tuple[Path, Path, Path]:
                            "what is there") from None
         version, where = found
         raise CLIError(f"{uri}: version {version} is registered, but its files at {where} cannot be read ({reason}): "
-                       "the MLflow artifact store was moved or deleted") from None
+                       "the MLflow artifact store was moved or deleted (after moving artifacts_dir: `scriptorium "
+                       "relocate`)") from None
     mlmodel = yaml.safe_load((root / "MLmodel").read_text(encoding="utf-8"))
     artifacts = mlmodel["flavors"]["python_function"].get("artifacts", {})
     try:
@@ -409,6 +411,28 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_relocate(args: argparse.Namespace) -> int:
+    from flows.relocate import moved_from, relocate
+    from tasks.stage import PipelineError
+
+    root = Path(args.artifacts_dir)
+    if not (root / "mlflow" / "mlflow.db").is_file():
+        raise CLIError(f"{root}: no MLflow store (mlflow/mlflow.db) in it (--artifacts-dir, or a preset's "
+                       "artifacts_dir)")
+    old = moved_from(root)
+    try:
+        changed = relocate(root)
+    except PipelineError as err:  # the artifacts directory cannot be locked
+        raise CLIError(str(err)) from None
+    if not changed:
+        print(f"{root.resolve() / 'mlflow'}: the store already keeps its files here; nothing to change")
+        return 0
+    rows = ", ".join(f"{n} {column}" for column, n in changed.items() if n)
+    print(f"{root.resolve() / 'mlflow' / 'mlflow.db'}: file locations moved from {old} to "
+          f"{(root.resolve() / 'mlflow' / 'artifacts').as_uri()} ({rows})")
+    return 0
+
+
 def _count(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
@@ -426,6 +450,11 @@ def _prune_parser(sub) -> None:
     prune.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
     prune.add_argument("--no-wait", action="store_true", help="fail at once if a run holds the artifacts directory")
     prune.set_defaults(func=cmd_prune)
+    relocate = sub.add_parser("relocate", help="point a moved artifacts directory's MLflow store at its files here",
+                              description="After moving or copying the artifacts directory: rewrite the file "
+                                          "locations its MLflow store records (one SQLite transaction).")
+    relocate.add_argument("--artifacts-dir", default="artifacts", help="the moved artifacts_dir (default: artifacts)")
+    relocate.set_defaults(func=cmd_relocate)
 
 
 # ---------------------------------------------------------------------------------------------------------- parser

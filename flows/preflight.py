@@ -3,8 +3,9 @@
 The schema checks a configuration on its own; these checks look outside it, at things a stage would otherwise
 discover only once the stages before it had run (or once Prefect's API had started): the training device, the
 synthesis recipe with the languages asked of it (a recipe is a YAML file the user may have written), local sources
-that match no file or reach into the artifacts directory, an MLflow tracking server that does not answer, and
-registered models named as parents (`tokenizer.from_model`, `train.init_from`) that the MLflow store does not hold.
+that match no file or reach into the artifacts directory, an MLflow tracking server that does not answer, an
+artifacts directory moved away from where its MLflow store says its files are, and registered models named as
+parents (`tokenizer.from_model`, `train.init_from`) that the MLflow store does not hold.
 `python -m flows` exits 2 on any of them, as on a configuration error; a deployment's run fails with the same one
 line before its first stage.
 `prefect_api_down` is asked before Prefect runs anything, by `python -m flows` and `python -m flows.serve`.
@@ -21,7 +22,7 @@ def unrunnable(cfg: PipelineConfig) -> str | None:
     """Why `cfg` cannot run here, naming the fix, or None. Imports nothing heavy (no torch unless a GPU is named,
     MLflow only when a parent model is named)."""
     return (device_unavailable(cfg.train.device) or _recipe_problem(cfg) or _source_problem(cfg)
-            or _unreachable_store(cfg) or _missing_parent(cfg))
+            or _unreachable_store(cfg) or _moved_store(cfg) or _missing_parent(cfg))
 
 
 def _recipe_problem(cfg: PipelineConfig) -> str | None:
@@ -66,6 +67,15 @@ def _unreachable_store(cfg: PipelineConfig) -> str | None:
 
     down = unreachable_server(cfg.register.tracking_uri or "")
     return f"register.tracking_uri: {down}" if down else None
+
+
+def _moved_store(cfg: PipelineConfig) -> str | None:
+    """The default MLflow store, in an artifacts directory that was moved: its files are recorded at the old path
+    (`flows/relocate.py`; a few SQLite reads, no MLflow import)."""
+    from flows.relocate import moved_from, moved_message
+
+    old = None if cfg.register.tracking_uri else moved_from(Path(cfg.artifacts_dir))
+    return moved_message(Path(cfg.artifacts_dir), old) if old else None
 
 
 def _missing_parent(cfg: PipelineConfig) -> str | None:
