@@ -203,7 +203,7 @@ def shard_splits(cfg: ShardConfig, splits: dict[str, list[str]], tokenizer_dir: 
     return _shard(cfg, chunks, frozenset(), tokenizer_dir, out_dir, log)
 
 
-def _check_splits(layout: list[dict[str, Any]], totals: dict[str, Any]) -> None:
+def _check_splits(layout: list[dict[str, Any]], totals: dict[str, Any], log: logging.Logger) -> None:
     streams = {s["stream"].split("-", 1)[0] for s in layout}
     if "train" not in streams:
         raise ShardError("shard: no training documents (the corpus is empty or entirely held out)")
@@ -214,6 +214,11 @@ def _check_splits(layout: list[dict[str, Any]], totals: dict[str, Any]) -> None:
         raise ShardError(f"shard: no held-out text: validation holds out whole documents, at least one of each "
                          f"language that has two, and the corpus has {count}; give acquire more documents (a text "
                          "file without blank lines is one document unless its source sets split_by: line)")
+    alone = sorted(set(totals["train"]["languages"]) - set(totals["val"]["languages"]))
+    if alone:
+        log.warning("shard: nothing in %s is held out (one document, and validation holds out whole documents), so "
+                    "evaluate reports no figures for it; give acquire more of its documents (split_by: line for a "
+                    "text file without blank lines)", ", ".join(alone))
 
 
 def _shard(cfg: ShardConfig, chunks: list[tuple[Chunk, str | None]], forced: frozenset[int], tokenizer_dir: Path,
@@ -227,7 +232,7 @@ def _shard(cfg: ShardConfig, chunks: list[tuple[Chunk, str | None]], forced: fro
         layout = shard_layout([r["runs"] for r in results], str(runs_dir), cfg.tokens_per_shard)
         totals = _totals([r["stats"] for r in results])
         try:
-            _check_splits(layout, totals)
+            _check_splits(layout, totals, log)
         except ShardError:
             shutil.rmtree(runs_dir)
             raise

@@ -481,7 +481,7 @@ def test_a_host_name_that_does_not_resolve_is_not_retried_a_temporary_dns_failur
     assert err.value.transient is transient
 
 
-def test_a_corpus_of_one_document_has_no_held_out_text_and_shard_says_so(tmp_path, small_corpus):
+def test_a_corpus_of_one_document_has_no_held_out_text_and_shard_says_so(tmp_path, small_corpus, caplog):
     """The split holds out whole documents, so one document (a text file with no blank line, read as paragraphs)
     leaves validation empty: shard wrote its train shards anyway and train died on a ValueError traceback."""
     from tasks.shard import ShardError
@@ -493,3 +493,8 @@ def test_a_corpus_of_one_document_has_no_held_out_text_and_shard_says_so(tmp_pat
     with pytest.raises(ShardError, match=r"no held-out text: .*whole documents.*1 document \(fr\).*split_by: line"):
         shard_corpus(ShardConfig(val_fraction=0.1), Corpus.from_records(one), tok_dir, tmp_path / "out", LOG)
     assert not list((tmp_path / "out").glob("*.parquet"))
+    with caplog.at_level(logging.WARNING):  # beside other languages: it trains, and the log says what is missing
+        manifest = shard_corpus(ShardConfig(val_fraction=0.1), Corpus.from_records(_records(small_corpus) + one),
+                                tok_dir, tmp_path / "both", LOG)
+    assert set(manifest["totals"]["val"]["languages"]) == {"en"}  # es too has one document
+    assert "nothing in es, fr is held out" in caplog.text and "evaluate reports no figures for it" in caplog.text
