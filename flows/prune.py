@@ -120,8 +120,11 @@ def _unread_downloads(root: Path, result: Plan) -> list[Entry]:
     def read(entries: list[Entry]) -> set[str]:
         return {f for e in entries if e.stage == "acquire" for f in e.manifest.get("downloads", [])}
 
-    folders = [root / "acquire" / DOWNLOADS / f for f in sorted(read(result.removed) - read(result.kept))]
-    return [Entry("acquire", f, _size(f)) for f in folders if f.is_dir()]
+    downloads = (root / "acquire" / DOWNLOADS).resolve()
+    folders = [downloads / f for f in sorted(read(result.removed) - read(result.kept))
+               if isinstance(f, str) and ".." not in Path(f).parts and not Path(f).is_absolute()]  # data, not orders
+    return [Entry("acquire", f, _size(f)) for f in folders if f.is_dir() and not f.is_symlink()
+            and f.resolve().is_relative_to(downloads)]
 
 
 def _drop_records(root: Path, removed: set[str]) -> int:

@@ -47,7 +47,8 @@ def test_a_download_goes_with_the_last_acquire_directory_that_read_it(tmp_path):
     for folder in ("aaa", "bbb", "hf/org/tiny/main"):
         (tmp_path / "acquire" / ".downloads" / folder).mkdir(parents=True)
         (tmp_path / "acquire" / ".downloads" / folder / "data.jsonl").write_text("{}")
-    _stage(tmp_path, "acquire", "a0", 50, downloads=("aaa", "bbb"))
+    (tmp_path / "elsewhere").mkdir()
+    _stage(tmp_path, "acquire", "a0", 50, downloads=("aaa", "bbb", "../../elsewhere", str(tmp_path / "elsewhere")))
     old = _stage(tmp_path, "acquire", "a1", 100, downloads=("aaa", "bbb", "hf/org/tiny/main"))
     new = _stage(tmp_path, "acquire", "a2", 300, downloads=("bbb",))
     _stage(tmp_path, "register", "r1", 200, acquire=old)
@@ -63,6 +64,7 @@ def test_a_download_goes_with_the_last_acquire_directory_that_read_it(tmp_path):
     (tmp_path / "acquire" / "a3").rmdir()
     prune(tmp_path, keep=1)
     assert sorted(p.name for p in (tmp_path / "acquire" / ".downloads").iterdir()) == ["bbb"]
+    assert (tmp_path / "elsewhere").is_dir()  # a manifest is data: a folder it names outside .downloads stays
 
 
 def test_without_a_register_artifact_nothing_is_old(tmp_path):
