@@ -412,6 +412,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_relocate(args: argparse.Namespace) -> int:
+    import sqlite3
+
     from flows.relocate import moved_from, relocate
     from tasks.stage import PipelineError
 
@@ -424,6 +426,9 @@ def cmd_relocate(args: argparse.Namespace) -> int:
         changed = relocate(root)
     except PipelineError as err:  # the artifacts directory cannot be locked
         raise CLIError(str(err)) from None
+    except sqlite3.Error as err:  # e.g. "database is locked" by an MLflow server writing to it: nothing was changed
+        raise CLIError(f"{root / 'mlflow' / 'mlflow.db'}: {err}; nothing was changed (stop what uses the store, e.g. "
+                       "`make ui`, and run it again)") from None
     if not changed:
         print(f"{root.resolve() / 'mlflow'}: the store already keeps its files here; nothing to change")
         return 0

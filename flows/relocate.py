@@ -11,6 +11,7 @@ model versions), in one SQLite transaction under the artifacts lock. Only the de
 """
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import urllib.parse
 from pathlib import Path
@@ -34,10 +35,12 @@ def moved_from(root: Path) -> str | None:
     if not db.is_file():
         return None
     try:
-        with sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True) as connection:
+        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as connection:
             locations = [row[0] for row in connection.execute("SELECT artifact_location FROM experiments")]
-    except sqlite3.Error:
-        return None  # not a store MLflow made (or locked): register says what is wrong with it
+    except sqlite3.Error as err:
+        if "locked" in str(err):
+            raise
+        return None  # not a store MLflow made: register says what is wrong with it
     here = _here(root)
     for location in locations:
         location = (location or "").rstrip("/")
@@ -63,7 +66,7 @@ def relocate(root: Path) -> dict[str, int]:
         if old is None:
             return {}
         new, changed = _here(root), {}
-        with sqlite3.connect(root / STORE) as connection:  # commits on success, rolls back on any error
+        with contextlib.closing(sqlite3.connect(root / STORE)) as connection, connection:  # one transaction
             tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             for table, column in COLUMNS:
                 if table not in tables:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import sqlite3
 from pathlib import Path
 
 
@@ -47,6 +48,12 @@ def test_a_moved_artifacts_directory_stops_the_run_until_relocate_points_its_sto
     elsewhere = [f"artifacts_dir={new}", "synthesize.n=0", "register.tracking_uri=sqlite:////nowhere/x.db"]
     assert unrunnable(load_config("quickstart", elsewhere)) is None  # another store: its own artifact root
 
+    writer = sqlite3.connect(new / "mlflow" / "mlflow.db")  # as an MLflow server in a write: the store is locked
+    writer.execute("BEGIN IMMEDIATE")
+    assert cli(["relocate", "--artifacts-dir", str(new)]) == 1
+    assert "database is locked; nothing was changed" in capsys.readouterr().err
+    writer.rollback()
+    writer.close()
     assert cli(["relocate", "--artifacts-dir", str(new)]) == 0
     said = capsys.readouterr().out
     assert "1 experiments.artifact_location, 1 runs.artifact_uri" in said and "1 model_versions.source" in said
