@@ -78,13 +78,15 @@ serve: $(STAMP)
 	$(PY) -m flows.serve
 
 # Drops every stage's output and Prefect's result records (the next `make run` starts over), keeps artifacts/mlflow
-# (every registered version), and refuses while a run holds the artifacts directory's lock (tasks/stage.py).
+# (every registered version) and artifacts/acquire/.downloads (remote files, fetched once), and refuses while a run
+# holds the artifacts directory's lock (tasks/stage.py). make's wildcard skips dot names: .downloads stays.
 clean:
 	@mkdir -p artifacts
-	@flock -n -E 75 artifacts/.lock rm -rf $(filter-out artifacts/mlflow/,$(wildcard artifacts/*/)) \
-	  artifacts/.prefect-results; status=$$?; [ $$status -ne 75 ] || \
+	@flock -n -E 75 artifacts/.lock rm -rf $(filter-out artifacts/mlflow/ artifacts/acquire/,$(wildcard artifacts/*/)) \
+	  $(wildcard artifacts/acquire/*/) artifacts/.prefect-results; status=$$?; [ $$status -ne 75 ] || \
 	  echo "error: a run holds artifacts/ ($$(cat artifacts/.lock)): wait for it to finish" >&2; exit $$status
-	@echo "removed the stage outputs in artifacts/; kept artifacts/mlflow (every registered version: delete it by hand)"
+	@echo "removed the stage outputs in artifacts/; kept artifacts/mlflow (every registered version: delete it by hand)" \
+	  "and artifacts/acquire/.downloads (the remote files)"
 
 # Removes the stage outputs that none of the KEEP newest registered versions came from (flows/prune.py); DRY=1 says
 # what it would remove. Keeps artifacts/mlflow, what finished since those versions, and unfinished stages.

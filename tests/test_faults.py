@@ -950,7 +950,8 @@ def test_prefect_retries_a_transient_error_with_backoff_and_never_a_deterministi
 
 def test_make_clean_drops_stage_outputs_keeps_the_registry_and_refuses_during_a_run(tmp_path):
     """The Makefile's own `clean` recipe, run in a copy beside its own artifacts/: it removed every directory there,
-    the MLflow store (every registered version) included, and did so under a run in progress."""
+    the MLflow store (every registered version) included, and did so under a run in progress. The downloaded remote
+    files stay too (a clean start need not fetch 2 GB again)."""
     import shutil
 
     from tasks.stage import hold_artifacts
@@ -959,15 +960,19 @@ def test_make_clean_drops_stage_outputs_keeps_the_registry_and_refuses_during_a_
         shutil.copy(REPO / name, tmp_path)
     shutil.copytree(REPO / "patches", tmp_path / "patches")
     artifacts = tmp_path / "artifacts"
-    for folder in ("train/0a1b", "synthesize/journal", "mlflow/artifacts", RESULTS_DIR):
+    for folder in ("train/0a1b", "synthesize/journal", "mlflow/artifacts", RESULTS_DIR, "acquire/0c0d",
+                   "acquire/.downloads/4f2e"):
         (artifacts / folder).mkdir(parents=True)
     (artifacts / "mlflow" / "mlflow.db").write_text("the registry")
+    (artifacts / "acquire" / ".downloads" / "4f2e" / "TinyStories.txt").write_text("2 GB, downloaded once")
     clean = ["make", "-s", "-C", str(tmp_path), "clean"]
     with hold_artifacts(artifacts):  # a run in progress
         busy = subprocess.run(clean, capture_output=True, text=True)
     assert busy.returncode != 0 and "a run holds" in busy.stderr, busy.stderr
     assert (artifacts / "train" / "0a1b").is_dir()
     done = subprocess.run(clean, capture_output=True, text=True, check=True)
-    assert sorted(p.name for p in artifacts.iterdir() if p.is_dir()) == ["mlflow"]
+    assert sorted(p.name for p in artifacts.iterdir() if p.is_dir()) == ["acquire", "mlflow"]
     assert (artifacts / "mlflow" / "mlflow.db").read_text() == "the registry"
-    assert "kept artifacts/mlflow" in done.stdout
+    assert [p.name for p in (artifacts / "acquire").iterdir()] == [".downloads"]  # remote files are not re-fetched
+    assert (artifacts / "acquire" / ".downloads" / "4f2e" / "TinyStories.txt").is_file()
+    assert "kept artifacts/mlflow" in done.stdout and "artifacts/acquire/.downloads" in done.stdout
