@@ -398,15 +398,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from flows.prune import prune, report
-    from tasks.stage import PipelineError
 
     root = Path(args.artifacts_dir)
     if not root.is_dir():
         raise CLIError(f"{root}: no such artifacts directory (--artifacts-dir, or a preset's artifacts_dir)")
-    try:
-        result, records = prune(root, args.keep, dry_run=args.dry_run, wait=not args.no_wait)
-    except PipelineError as err:  # another run holds the artifacts lock (--no-wait)
-        raise CLIError(str(err)) from None
+    result, records = prune(root, args.keep, dry_run=args.dry_run, wait=not args.no_wait)
     print("\n".join(report(root.resolve(), result, args.keep, records, args.dry_run)))
     return 0
 
@@ -414,27 +410,22 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_relocate(args: argparse.Namespace) -> int:
     import sqlite3
 
-    from flows.relocate import moved_from, relocate
-    from tasks.stage import PipelineError
+    from flows.relocate import STORE, files_uri, relocate
 
     root = Path(args.artifacts_dir)
-    if not (root / "mlflow" / "mlflow.db").is_file():
-        raise CLIError(f"{root}: no MLflow store (mlflow/mlflow.db) in it (--artifacts-dir, or a preset's "
-                       "artifacts_dir)")
-    old = moved_from(root)
+    store = root.resolve() / STORE
+    if not store.is_file():
+        raise CLIError(f"{root}: no MLflow store ({STORE}) in it (--artifacts-dir, or a preset's artifacts_dir)")
     try:
-        changed = relocate(root)
-    except PipelineError as err:  # the artifacts directory cannot be locked
-        raise CLIError(str(err)) from None
+        old, changed = relocate(root)
     except sqlite3.Error as err:  # e.g. "database is locked" by an MLflow server writing to it: nothing was changed
-        raise CLIError(f"{root / 'mlflow' / 'mlflow.db'}: {err}; nothing was changed (stop what uses the store, e.g. "
-                       "`make ui`, and run it again)") from None
-    if not changed:
-        print(f"{root.resolve() / 'mlflow'}: the store already keeps its files here; nothing to change")
+        raise CLIError(f"{store}: {err}; nothing was changed (stop what uses the store, e.g. `make ui`, and run it "
+                       "again)") from None
+    if old is None:
+        print(f"{store.parent}: the store already keeps its files here; nothing to change")
         return 0
     rows = ", ".join(f"{n} {column}" for column, n in changed.items() if n)
-    print(f"{root.resolve() / 'mlflow' / 'mlflow.db'}: file locations moved from {old} to "
-          f"{(root.resolve() / 'mlflow' / 'artifacts').as_uri()} ({rows})")
+    print(f"{store}: file locations moved from {old} to {files_uri(root)} ({rows})")
     return 0
 
 
@@ -524,10 +515,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from model.export import ExportError
+    from tasks.stage import PipelineError  # e.g. the artifacts lock held by a run (prune, relocate with --no-wait)
 
     try:
         return args.func(args)
-    except (CLIError, ConfigError, ExportError) as err:
+    except (CLIError, ConfigError, ExportError, PipelineError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
     except BrokenPipeError:  # `scriptorium generate --stream | head`: the reader has all it wanted; say nothing

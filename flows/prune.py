@@ -22,6 +22,7 @@ cut short halfway is a stage that runs again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -44,7 +45,7 @@ class Entry:
     manifest: dict[str, Any] | None = None
     finished: float = 0.0  # the manifest's modification time
 
-    @property
+    @functools.cached_property  # asked several times per directory while planning: hashed once
     def fingerprint(self) -> str | None:
         return fingerprint(self.manifest) if self.manifest is not None else None
 

@@ -24,7 +24,8 @@ COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("log
            ("model_versions", "storage_location"), ("model_versions", "source"))
 
 
-def _here(root: Path) -> str:
+def files_uri(root: Path) -> str:
+    """Where the default store under `root` should keep its files: `<root>/mlflow/artifacts` as a file:// URI."""
     return (Path(root).resolve() / FILES).as_uri()
 
 
@@ -41,7 +42,7 @@ def moved_from(root: Path) -> str | None:
         if "locked" in str(err):
             raise
         return None  # not a store MLflow made: register says what is wrong with it
-    here = _here(root)
+    here = files_uri(root)
     for location in locations:
         location = (location or "").rstrip("/")
         if location.startswith("file://") and location.endswith("/" + FILES.as_posix()) and location != here:
@@ -57,15 +58,15 @@ def moved_message(root: Path, old: str) -> str:
             "here (or move the folder back)")
 
 
-def relocate(root: Path) -> dict[str, int]:
-    """Rewrite the old prefix to this place in every file location the store holds; returns the rows changed per
-    column ({} when the store is where it was made). One transaction: all rows move, or none."""
+def relocate(root: Path) -> tuple[str | None, dict[str, int]]:
+    """Rewrite the old prefix to this place in every file location the store holds; returns the old prefix (None when
+    the store is where it was made) and the rows changed per column. One transaction: all rows move, or none."""
     root = Path(root).resolve()
     with hold_artifacts(root):
         old = moved_from(root)
         if old is None:
-            return {}
-        new, changed = _here(root), {}
+            return None, {}
+        new, changed = files_uri(root), {}
         with contextlib.closing(sqlite3.connect(root / STORE)) as connection, connection:  # one transaction
             tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             for table, column in COLUMNS:
@@ -76,4 +77,4 @@ def relocate(root: Path) -> dict[str, int]:
                     f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
                     (new, len(old) + 1, old, len(old) + 1, old + "/"))
                 changed[f"{table}.{column}"] = cursor.rowcount
-        return changed
+        return old, changed

@@ -135,6 +135,10 @@ def test_prune_keeps_the_newest_versions_lineage_and_unfinished_stages_and_remov
     from flows.cli import main as cli
 
     root = tmp_path / "artifacts"
+
+    def stage_dirs() -> set[str]:
+        return {p.relative_to(root).as_posix() for p in root.glob("*/*/") if p.parent.name != "mlflow"}
+
     overrides = tiny_overrides(root, small_corpus)
     first = build_model(preset="quickstart", overrides=overrides)
     second = build_model(preset="quickstart", overrides=overrides + ["train.max_steps=9"])
@@ -142,19 +146,19 @@ def test_prune_keeps_the_newest_versions_lineage_and_unfinished_stages_and_remov
     stopped = root / "train" / "0123456789abcdef" / "checkpoints" / "step-5"
     stopped.mkdir(parents=True)
     (stopped / "model.safetensors").write_bytes(b"\0" * 1000)
-    before = {p.relative_to(root).as_posix() for p in root.glob("*/*/") if p.parent.name != "mlflow"}
+    before = stage_dirs()
     records = len(list((root / ".prefect-results").iterdir()))
 
     capsys.readouterr()
     assert cli(["prune", "--artifacts-dir", str(root), "--keep", "1", "--dry-run"]) == 0
     assert "would remove 4 stage directories" in capsys.readouterr().out
-    assert {p.relative_to(root).as_posix() for p in root.glob("*/*/") if p.parent.name != "mlflow"} == before
+    assert stage_dirs() == before
 
     assert cli(["prune", "--artifacts-dir", str(root), "--keep", "1"]) == 0
     out = capsys.readouterr().out
     assert "removed 4 stage directories" in out and "4 cache records" in out and "version 2" in out
     assert "left 1 unfinished stage directories" in out and "train/0123456789abcdef" in out
-    after = {p.relative_to(root).as_posix() for p in root.glob("*/*/") if p.parent.name != "mlflow"}
+    after = stage_dirs()
     assert {p.split("/")[0] for p in before - after} == {"train", "evaluate", "export", "register"}
     assert (stopped / "model.safetensors").is_file()
     assert len(list((root / ".prefect-results").iterdir())) == records - 4
